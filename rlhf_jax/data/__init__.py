@@ -1,0 +1,1 @@
+"""Tokenizers, preference-data builders, the embedded task and batching."""

@@ -1,0 +1,1 @@
+"""Flax NNX decoder language models, scalar heads, log-probs and checkpoint import/export."""

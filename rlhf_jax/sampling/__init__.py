@@ -1,0 +1,1 @@
+"""Jitted KV-cache sampling, including sampling from combinations of several models."""

@@ -1,0 +1,1 @@
+"""Tabular policies, exact population losses and closed-form optima for checking objectives."""

@@ -1,0 +1,1 @@
+"""Training state, pure step builders, checkpointing, metrics and the loop driver."""
