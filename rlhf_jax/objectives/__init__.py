@@ -1,1 +1,55 @@
-"""Pure RLHF losses and estimators over arrays (no models, no data, no I/O)."""
+"""Pure RLHF losses and estimators over arrays (no models, no data, no I/O).
+
+Every objective is a jittable function of arrays with keyword hyper-parameters and an
+explicit ``reduction`` that returns ``(loss, metrics)`` with ``metrics["denominator"]``
+(see :mod:`~rlhf_jax.objectives.reduction`). Modules:
+
+- :mod:`~rlhf_jax.objectives.reward_model`: Bradley–Terry and Safe-RLHF cost-model losses.
+- :mod:`~rlhf_jax.objectives.pairwise`: the DPO family, selectable by name through
+  :data:`PAIRWISE_LOSSES`, and :func:`~rlhf_jax.objectives.pairwise.weighted_sum`.
+- :mod:`~rlhf_jax.objectives.unpaired`: KTO, unpaired AOT and BCO.
+- :mod:`~rlhf_jax.objectives.listwise`: Plackett–Luce and LiPO-λ.
+- :mod:`~rlhf_jax.objectives.modpo`: multi-objective DPO.
+- :mod:`~rlhf_jax.objectives.sft`: masked token negative log-likelihood.
+- :mod:`~rlhf_jax.objectives.kl`, :mod:`~rlhf_jax.objectives.kl_control`: KL estimators
+  k1/k2/k3 and fixed/adaptive KL controllers.
+- :mod:`~rlhf_jax.objectives.advantages`: GAE, RLOO and GRPO advantages.
+- :mod:`~rlhf_jax.objectives.ppo`: clipped surrogate, clipped value loss, entropy bonus.
+- :mod:`~rlhf_jax.objectives.nash`: geometric mixtures, Nash-MD, Nash-MP, online IPO,
+  IPO-MD and INPO.
+- :mod:`~rlhf_jax.objectives.safe_rlhf`: the Safe-RLHF Lagrangian advantage and multiplier.
+"""
+
+from rlhf_jax.objectives import (
+    advantages,
+    kl,
+    kl_control,
+    listwise,
+    modpo,
+    nash,
+    pairwise,
+    ppo,
+    reduction,
+    reward_model,
+    safe_rlhf,
+    sft,
+    unpaired,
+)
+from rlhf_jax.objectives.pairwise import PAIRWISE_LOSSES
+
+__all__ = [
+    "PAIRWISE_LOSSES",
+    "advantages",
+    "kl",
+    "kl_control",
+    "listwise",
+    "modpo",
+    "nash",
+    "pairwise",
+    "ppo",
+    "reduction",
+    "reward_model",
+    "safe_rlhf",
+    "sft",
+    "unpaired",
+]
