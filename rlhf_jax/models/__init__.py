@@ -18,6 +18,8 @@ Public API:
 - :func:`load_hf_checkpoint`, :func:`load_hf_model`, :func:`build_decoder`,
   :func:`save_hf_checkpoint`, :func:`config_from_hf`, :func:`config_to_hf`: Hugging Face
   safetensors import and export.
+- :mod:`~rlhf_jax.models.merging`: weighted merges, interpolation and task vectors of
+  parameter trees, and the two-stage Balanced Actor Initialization merge.
 """
 
 from rlhf_jax.models.config import ModelConfig, preset

@@ -18,10 +18,20 @@ explicit ``reduction`` that returns ``(loss, metrics)`` with ``metrics["denomina
 - :mod:`~rlhf_jax.objectives.nash`: geometric mixtures, Nash-MD, Nash-MP, online IPO,
   IPO-MD and INPO.
 - :mod:`~rlhf_jax.objectives.safe_rlhf`: the Safe-RLHF Lagrangian advantage and multiplier.
+- :mod:`~rlhf_jax.objectives.reward_strength`: ensemble preference strength, label
+  flipping, soft labels, adaptive margins and the contrastive term (Secrets of RLHF II).
+- :mod:`~rlhf_jax.objectives.vpl`: variational preference learning (latent-conditioned
+  reward, posterior encoder, ELBO).
+- :mod:`~rlhf_jax.objectives.heron`: hierarchical reward-factor comparisons.
+- :mod:`~rlhf_jax.objectives.binary_feedback`: P[Love] models from sparse binary feedback.
+- :mod:`~rlhf_jax.objectives.judge`: preferences read from a language model's verdict tokens.
 """
 
 from rlhf_jax.objectives import (
     advantages,
+    binary_feedback,
+    heron,
+    judge,
     kl,
     kl_control,
     listwise,
@@ -31,15 +41,20 @@ from rlhf_jax.objectives import (
     ppo,
     reduction,
     reward_model,
+    reward_strength,
     safe_rlhf,
     sft,
     unpaired,
+    vpl,
 )
 from rlhf_jax.objectives.pairwise import PAIRWISE_LOSSES
 
 __all__ = [
     "PAIRWISE_LOSSES",
     "advantages",
+    "binary_feedback",
+    "heron",
+    "judge",
     "kl",
     "kl_control",
     "listwise",
@@ -49,7 +64,9 @@ __all__ = [
     "ppo",
     "reduction",
     "reward_model",
+    "reward_strength",
     "safe_rlhf",
     "sft",
     "unpaired",
+    "vpl",
 ]
