@@ -25,11 +25,21 @@ explicit ``reduction`` that returns ``(loss, metrics)`` with ``metrics["denomina
 - :mod:`~rlhf_jax.objectives.heron`: hierarchical reward-factor comparisons.
 - :mod:`~rlhf_jax.objectives.binary_feedback`: P[Love] models from sparse binary feedback.
 - :mod:`~rlhf_jax.objectives.judge`: preferences read from a language model's verdict tokens.
+- :mod:`~rlhf_jax.objectives.cpl`: contrastive preference learning and the regret and
+  partial-return preference models.
+- :mod:`~rlhf_jax.objectives.fdpg`: f-divergence distributional policy gradients.
+- :mod:`~rlhf_jax.objectives.selm`: the optimism-biased SELM objective.
+- :mod:`~rlhf_jax.objectives.rationale`: DPO with a rationale likelihood term.
+- :mod:`~rlhf_jax.objectives.align_distil`: token-level teachers and distillation losses.
+- :mod:`~rlhf_jax.objectives.raft`: reward-ranked fine-tuning selection and loss.
 """
 
 from rlhf_jax.objectives import (
     advantages,
+    align_distil,
     binary_feedback,
+    cpl,
+    fdpg,
     heron,
     judge,
     kl,
@@ -39,10 +49,13 @@ from rlhf_jax.objectives import (
     nash,
     pairwise,
     ppo,
+    raft,
+    rationale,
     reduction,
     reward_model,
     reward_strength,
     safe_rlhf,
+    selm,
     sft,
     unpaired,
     vpl,
@@ -52,7 +65,10 @@ from rlhf_jax.objectives.pairwise import PAIRWISE_LOSSES
 __all__ = [
     "PAIRWISE_LOSSES",
     "advantages",
+    "align_distil",
     "binary_feedback",
+    "cpl",
+    "fdpg",
     "heron",
     "judge",
     "kl",
@@ -62,10 +78,13 @@ __all__ = [
     "nash",
     "pairwise",
     "ppo",
+    "raft",
+    "rationale",
     "reduction",
     "reward_model",
     "reward_strength",
     "safe_rlhf",
+    "selm",
     "sft",
     "unpaired",
     "vpl",

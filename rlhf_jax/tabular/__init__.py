@@ -9,8 +9,11 @@
   exploitability, and Nash-MD / Nash-MP / INPO / online-IPO iterations.
 - :mod:`~rlhf_jax.tabular.constrained`: the Safe-RLHF constrained optimum and primal-dual runs.
 - :mod:`~rlhf_jax.tabular.bandit`: KL-penalised PPO on a one-step bandit.
+- :mod:`~rlhf_jax.tabular.mdp`: small tabular MDPs with (soft-)optimal values and advantages.
+- :mod:`~rlhf_jax.tabular.sequence`: tabular token-level sequence models with exact
+  sequence probabilities and the token-level KL-regularised optimum.
 """
 
-from rlhf_jax.tabular import bandit, constrained, core, games, preference_optima
+from rlhf_jax.tabular import bandit, constrained, core, games, mdp, preference_optima, sequence
 
-__all__ = ["bandit", "constrained", "core", "games", "preference_optima"]
+__all__ = ["bandit", "constrained", "core", "games", "mdp", "preference_optima", "sequence"]
