@@ -32,19 +32,30 @@ explicit ``reduction`` that returns ``(loss, metrics)`` with ``metrics["denomina
 - :mod:`~rlhf_jax.objectives.rationale`: DPO with a rationale likelihood term.
 - :mod:`~rlhf_jax.objectives.align_distil`: token-level teachers and distillation losses.
 - :mod:`~rlhf_jax.objectives.raft`: reward-ranked fine-tuning selection and loss.
+- :mod:`~rlhf_jax.objectives.hc_rlhf`: Student-t cost bounds and the high-confidence
+  safety test.
+- :mod:`~rlhf_jax.objectives.cgpo`: mixtures of judges and the constrained CRPG, CRRAFT
+  and CODPO updates.
+- :mod:`~rlhf_jax.objectives.fine_grained`: dense segment-level rewards from several
+  reward models.
+- :mod:`~rlhf_jax.objectives.macro_actions`: macro-action (MA-RLHF) advantages and PPO.
 """
 
 from rlhf_jax.objectives import (
     advantages,
     align_distil,
     binary_feedback,
+    cgpo,
     cpl,
     fdpg,
+    fine_grained,
+    hc_rlhf,
     heron,
     judge,
     kl,
     kl_control,
     listwise,
+    macro_actions,
     modpo,
     nash,
     pairwise,
@@ -67,13 +78,17 @@ __all__ = [
     "advantages",
     "align_distil",
     "binary_feedback",
+    "cgpo",
     "cpl",
     "fdpg",
+    "fine_grained",
+    "hc_rlhf",
     "heron",
     "judge",
     "kl",
     "kl_control",
     "listwise",
+    "macro_actions",
     "modpo",
     "nash",
     "pairwise",
