@@ -1,0 +1,299 @@
+"""Plumbing shared by the experiments: config keys, task data, models, optimiser, loop, export.
+
+Every run has the keys of :func:`base_config` (seed, task sizes, tokenizer, model,
+optimiser, batch and loop settings, ``init_from``) plus its own, validated against
+``BASE_SCHEMA`` merged with the run's schema before anything is built. A run writes to its
+workdir ``checkpoints/`` and ``metrics.jsonl`` (the loop), ``policy/`` or ``scorer/`` (the
+final parameters, for later runs), ``model.json`` (the architecture) and
+``summary.json`` (the printed final summary). A later run starts from an earlier one's
+exported parameters with ``--config.init_from=<its workdir>``; the architecture is then
+read from that workdir's ``model.json``, and ``config.model`` must agree with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from rlhf_jax.data import task_batches
+from rlhf_jax.data.embedded_task import (
+    EmbeddedTask,
+    EmbeddedTaskConfig,
+    make_embedded_task,
+    score_responses,
+)
+from rlhf_jax.data.tokenizers import ByteTokenizer, Tokenizer
+from rlhf_jax.models import Decoder, ModelConfig
+from rlhf_jax.sampling import SamplingConfig, sample
+from rlhf_jax.train import loop
+from rlhf_jax.train.checkpoint import Checkpointer, abstract_state
+from rlhf_jax.train.config import ConfigError, Field, Schema, main_from_flags, validate_config
+from rlhf_jax.train.metrics import JSONL_NAME, read_jsonl
+from rlhf_jax.train.state import PyTree, TrainState
+from rlhf_jax.train.steps.common import StepFn, make_optimizer, split_model
+
+MODEL_FILE = "model.json"
+SUMMARY_FILE = "summary.json"
+MODEL_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_hidden_size")
+
+BASE_SCHEMA: Schema = {
+    "seed": Field(int, minimum=0),
+    "init_from": Field(str),
+    "tokenizer": Field(str, choices=("byte",)),
+    "max_length": Field(int, minimum=8),
+    "task": {
+        "seed": Field(int, minimum=0),
+        "num_train_prompts": Field(int, minimum=1),
+        "num_heldout_prompts": Field(int, minimum=1),
+        "num_sft": Field(int, minimum=1),
+        "num_sft_heldout": Field(int, minimum=1),
+        "num_preference_pairs": Field(int, minimum=1),
+        "num_preference_heldout": Field(int, minimum=1),
+        "harmful_rate": Field(float, minimum=0.0, maximum=0.625),
+        "temperature": Field(float, minimum=1e-6),
+        "cost_temperature": Field(float, minimum=1e-6),
+    },
+    "model": {
+        "hidden_size": Field(int, minimum=1),
+        "num_layers": Field(int, minimum=1),
+        "num_heads": Field(int, minimum=1),
+        "num_kv_heads": Field(int, minimum=1),
+        "mlp_hidden_size": Field(int, minimum=1),
+    },
+    "optimizer": {
+        "learning_rate": Field(float, minimum=0.0),
+        "warmup_steps": Field(int, minimum=0),
+        "weight_decay": Field(float, minimum=0.0),
+        "max_grad_norm": Field(float, minimum=0.0),
+        "b1": Field(float, minimum=0.0, maximum=1.0),
+        "b2": Field(float, minimum=0.0, maximum=1.0),
+    },
+    "batch_size": Field(int, minimum=1),
+    "num_micro_batches": Field(int, minimum=1),
+    "eval_batch_size": Field(int, minimum=1),
+    "num_steps": Field(int, minimum=1),
+    "log_every": Field(int, minimum=1),
+    "checkpoint_every": Field(int, minimum=1),
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The shared keys: a ~5M-parameter Llama-style byte model on the embedded task."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.init_from = ""
+    config.tokenizer = "byte"
+    config.max_length = 256
+    config.task = dataclasses.asdict(EmbeddedTaskConfig())
+    config.model = {
+        "hidden_size": 256,
+        "num_layers": 6,
+        "num_heads": 8,
+        "num_kv_heads": 4,
+        "mlp_hidden_size": 768,
+    }
+    config.optimizer = {
+        "learning_rate": 1e-3,
+        "warmup_steps": 20,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "b1": 0.9,
+        "b2": 0.95,
+    }
+    config.batch_size = 16
+    config.num_micro_batches = 1
+    config.eval_batch_size = 32
+    config.num_steps = 150
+    config.log_every = 10
+    config.checkpoint_every = 100
+    return config
+
+
+def validate(config: ml_collections.ConfigDict, schema: Schema) -> None:
+    """Check every key against ``BASE_SCHEMA`` merged with the run's ``schema``.
+
+    Raises:
+      ConfigError: naming each wrong key; also when ``num_micro_batches`` does not divide
+        ``batch_size``, or ``model.num_heads`` is not a multiple of ``model.num_kv_heads``.
+    """
+    validate_config(config, {**BASE_SCHEMA, **schema})
+    if config.batch_size % config.num_micro_batches:
+        raise ConfigError(
+            f"config.num_micro_batches={config.num_micro_batches} must divide "
+            f"config.batch_size={config.batch_size}"
+        )
+    if config.model.num_heads % config.model.num_kv_heads:
+        raise ConfigError(
+            f"config.model.num_kv_heads={config.model.num_kv_heads} must divide "
+            f"config.model.num_heads={config.model.num_heads}"
+        )
+
+
+def build_task(config: ml_collections.ConfigDict) -> EmbeddedTask:
+    """The embedded task of ``config.task``."""
+    return make_embedded_task(EmbeddedTaskConfig(**config.task.to_dict()))
+
+
+def build_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+    """The tokenizer named by ``config.tokenizer`` (the byte tokenizer)."""
+    del config
+    return ByteTokenizer()
+
+
+def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> ModelConfig:
+    """The decoder architecture: ``config.model``, or the ``init_from`` run's when given.
+
+    Raises:
+      ConfigError: when ``config.model.<key>`` differs from the ``init_from`` run's model.
+    """
+    built = ModelConfig.llama(
+        vocab_size=tokenizer.vocab_size,
+        max_position_embeddings=config.max_length,
+        **{key: config.model[key] for key in MODEL_KEYS},
+    )
+    if not config.init_from:
+        return built
+    path = os.path.join(config.init_from, MODEL_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"config.init_from={config.init_from!r}: no {MODEL_FILE} there; expected the "
+            "workdir of a finished SFT run"
+        )
+    with open(path) as f:
+        saved = ModelConfig(**json.load(f))
+    for key in MODEL_KEYS:
+        if getattr(saved, key) != getattr(built, key):
+            raise ConfigError(
+                f"config.model.{key}={getattr(built, key)} differs from the init_from run "
+                f"({config.init_from}), whose model has {key}={getattr(saved, key)}"
+            )
+    if saved.vocab_size != built.vocab_size:
+        raise ConfigError("config.tokenizer does not match the init_from run's vocabulary")
+    if saved.max_position_embeddings < config.max_length:
+        raise ConfigError(
+            f"config.max_length={config.max_length} exceeds the init_from run's "
+            f"max_position_embeddings={saved.max_position_embeddings}"
+        )
+    return saved
+
+
+def export_params(workdir: str, name: str, params: PyTree, architecture: ModelConfig) -> None:
+    """Save final parameters under ``workdir/name`` and the architecture in ``model.json``."""
+    with open(os.path.join(workdir, MODEL_FILE), "w") as f:
+        json.dump(dataclasses.asdict(architecture), f, indent=1)
+    checkpointer = Checkpointer(
+        os.path.join(workdir, name), save_every=1, max_to_keep=1, async_save=False
+    )
+    checkpointer.save(0, params, {"name": name})
+    checkpointer.close()
+
+
+def import_params(workdir: str, name: str, like: PyTree) -> PyTree:
+    """Parameters exported by :func:`export_params`, restored onto the structure of ``like``."""
+    checkpointer = Checkpointer(os.path.join(workdir, name), save_every=1, async_save=False)
+    try:
+        params, _ = checkpointer.restore(abstract_state(like))
+    finally:
+        checkpointer.close()
+    return params
+
+
+def build_decoder(config: ml_collections.ConfigDict, architecture: ModelConfig) -> Decoder:
+    """A decoder initialised from ``config.seed``, or from the ``init_from`` run's policy."""
+    decoder = Decoder(architecture, rngs=nnx.Rngs(config.seed))
+    if config.init_from:
+        _, params = split_model(decoder)
+        nnx.update(decoder, import_params(config.init_from, "policy", params))
+    return decoder
+
+
+def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """:func:`rlhf_jax.train.steps.common.make_optimizer` from ``config.optimizer``."""
+    return make_optimizer(num_steps=config.num_steps, **config.optimizer.to_dict())
+
+
+def train(
+    step_fn: StepFn,
+    state: TrainState,
+    schedule: loop.BatchSchedule,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+) -> tuple[TrainState, loop.RunSummary, list[dict[str, Any]]]:
+    """Run the loop driver to ``config.num_steps``; returns the state, summary and metrics."""
+    state, summary = loop.run(
+        step_fn,
+        state,
+        schedule,
+        num_steps=config.num_steps,
+        workdir=workdir,
+        checkpoint_every=config.checkpoint_every,
+        log_every=config.log_every,
+        config=config,
+        progress=sys.stderr.isatty(),
+    )
+    return state, summary, read_jsonl(os.path.join(workdir, JSONL_NAME))
+
+
+def sample_replies(
+    graphdef: nnx.GraphDef,
+    params: PyTree,
+    prompts: Sequence[str],
+    tokenizer: Tokenizer,
+    *,
+    prompt_length: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+) -> list[str]:
+    """Replies sampled from a policy to prompt texts (one human turn each), decoded."""
+    if not prompts:
+        return []
+    arrays = task_batches.task_prompt_arrays(prompts, tokenizer, max_length=prompt_length)
+    output = sample(
+        graphdef,
+        params,
+        arrays["input_ids"],
+        arrays["attention_mask"],
+        jax.random.key(seed),
+        config=SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id,
+            pad_id=tokenizer.pad_id,
+            temperature=temperature,
+        ),
+    )
+    tokens, mask = np.asarray(output.tokens), np.asarray(output.response_mask, bool)
+    return [tokenizer.decode(row[keep]) for row, keep in zip(tokens, mask, strict=True)]
+
+
+def gold_scores(prompts: Sequence[str], replies: Sequence[str]) -> dict[str, float]:
+    """Mean gold reward, gold cost and harm rate of replies (``{}`` when there are none)."""
+    if not prompts:
+        return {}
+    return {f"samples_{k}": v for k, v in score_responses(prompts, replies).items()}
+
+
+def finish(workdir: str, title: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``summary.json``, print the summary and return it."""
+    summary = json.loads(json.dumps(dict(summary), default=float))
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"== {title} ==")
+    for key, value in summary.items():
+        print(f"{key}: {value if not isinstance(value, float) else f'{value:.4f}'}")
+    return summary
+
+
+def main(run: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
+    """The command line: ``--config=<file> [--config.key=value ...] --workdir=<dir>``."""
+    main_from_flags(run)

@@ -1,0 +1,23 @@
+"""DPO (or any loss of ``PAIRWISE_LOSSES``) on the embedded task's helpfulness preferences.
+
+``python experiments/dpo.py --config=experiments/configs/dpo.py --workdir=runs/dpo
+--config.init_from=runs/sft`` (the SFT policy is both the start and the reference);
+``--config.loss_name=ipo --config.hyper.beta=0.5`` switches the loss.
+"""
+
+import ml_collections
+
+from experiments.common import base_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """DPO defaults: β = 0.1, reference log-probs computed inside the step."""
+    config = base_config()
+    config.loss_name = "dpo"
+    config.hyper = {"beta": 0.1}
+    config.reference = "in_step"
+    config.optimizer.learning_rate = 2e-4
+    config.batch_size = 8
+    config.optimizer.warmup_steps = 10
+    config.num_steps = 100
+    return config

@@ -1,0 +1,24 @@
+"""Reward model (``model_kind="reward"``) or Safe-RLHF cost model (``"cost"``) on the embedded task.
+
+``python experiments/reward_model.py --config=experiments/configs/reward_model.py
+--workdir=runs/rm --config.init_from=runs/sft`` (add ``--config.model_kind=cost`` for the
+cost model).
+"""
+
+import ml_collections
+
+from experiments.common import base_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Reward-model defaults: Bradley–Terry without margin, trunk from an SFT run if given."""
+    config = base_config()
+    config.model_kind = "reward"
+    config.reward_loss = "bradley_terry"
+    config.margin = 0.0
+    config.label_smoothing = 0.0
+    config.sign_weight = 1.0
+    config.optimizer.learning_rate = 5e-4
+    config.batch_size = 8
+    config.num_steps = 150
+    return config

@@ -1,0 +1,57 @@
+"""Pure training steps ``step(state, batch, rng) -> (state, metrics)`` and their evaluators.
+
+Public API:
+
+- :func:`make_sft_step`, :func:`make_sft_eval`: supervised fine-tuning (masked token NLL).
+- :func:`make_reward_step`, :func:`make_reward_eval`: reward and cost models
+  (Bradley–Terry, Safe-RLHF cost, Plackett–Luce).
+- :func:`make_dpo_step`, :func:`make_dpo_eval`, :func:`precompute_reference_logps`,
+  :func:`initial_dpo_extra`: DPO and every loss of ``PAIRWISE_LOSSES``.
+- :func:`make_ppo_step`, :func:`init_ppo_extra`: one PPO iteration (rollout, scoring,
+  reference, values, GAE, clipped epochs) with KL in the reward or the loss.
+- :func:`make_nash_md_step`, :func:`make_nash_md_generate`, :func:`make_nash_md_update`,
+  :func:`init_nash_md_extra`: Nash-MD, IPO-MD and online IPO against a reward-model
+  preference (fused) or a host-side oracle (generate, label, update).
+- :func:`make_safe_rlhf_step`, :func:`init_safe_rlhf_extra`: PPO-Lagrangian with reward
+  and cost critics.
+- :func:`make_optimizer`, :func:`split_model`: shared plumbing (``steps.common``).
+"""
+
+from rlhf_jax.train.steps.common import make_optimizer, split_model
+from rlhf_jax.train.steps.dpo import (
+    initial_dpo_extra,
+    make_dpo_eval,
+    make_dpo_step,
+    precompute_reference_logps,
+)
+from rlhf_jax.train.steps.nash_md import (
+    init_nash_md_extra,
+    make_nash_md_generate,
+    make_nash_md_step,
+    make_nash_md_update,
+)
+from rlhf_jax.train.steps.ppo import init_ppo_extra, make_ppo_step
+from rlhf_jax.train.steps.reward import make_reward_eval, make_reward_step
+from rlhf_jax.train.steps.safe_rlhf import init_safe_rlhf_extra, make_safe_rlhf_step
+from rlhf_jax.train.steps.sft import make_sft_eval, make_sft_step
+
+__all__ = [
+    "init_nash_md_extra",
+    "init_ppo_extra",
+    "init_safe_rlhf_extra",
+    "initial_dpo_extra",
+    "make_dpo_eval",
+    "make_dpo_step",
+    "make_nash_md_generate",
+    "make_nash_md_step",
+    "make_nash_md_update",
+    "make_optimizer",
+    "make_ppo_step",
+    "make_reward_eval",
+    "make_reward_step",
+    "make_safe_rlhf_step",
+    "make_sft_eval",
+    "make_sft_step",
+    "precompute_reference_logps",
+    "split_model",
+]

@@ -1,0 +1,232 @@
+"""Reward-model and cost-model steps: pairwise (Bradley–Terry, Safe-RLHF cost) and listwise.
+
+A scalar model (:class:`rlhf_jax.models.ScalarModel`) scores a sequence by its head's value
+at the last real token. The losses come from :mod:`rlhf_jax.objectives`:
+
+- ``"bradley_terry"``: ``L = (1 − ε) ℓ(d − m) + ε ℓ(−d − m)``, ``d = s(x, y_w) − s(x, y_l)``,
+  ``ℓ(z) = −log σ(z)`` (Bradley & Terry, 1952; Ouyang et al., 2022, eq. 1; the margin m
+  of Touvron et al., 2023, eq. 2; label smoothing ε).
+- ``"cost"``: the Safe-RLHF cost model (Dai et al., 2023, eq. 6),
+  ``L = ℓ(C(y_w) − C(y_l)) + λ[ℓ(s_w C(y_w)) + ℓ(s_l C(y_l))]`` with ``y_w`` the more
+  harmful response and ``s = +1`` on unsafe, ``−1`` on safe responses. The batch is a
+  harmlessness preference batch (``chosen`` = the safer response) with the flags
+  ``chosen_is_safe`` and ``rejected_is_safe``; so ``y_w`` is the rejected row.
+- ``"plackett_luce"``: the negative Plackett–Luce log-likelihood of a ranking of K
+  responses (Zhu, Jordan & Jiao, 2023, eq. 3) on a batch ``input_ids`` and
+  ``attention_mask`` of shape ``[B, K, L]``, each list ordered best first.
+
+The chosen and rejected rows (or the K rows of a list) go through the model in one
+forward pass. Metrics include ``accuracy``: the fraction of pairs the model orders like
+the label (``s_chosen > s_rejected``; for the cost model ``C(rejected) > C(chosen)``; for
+lists, the best response scored highest).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax import Array
+
+from rlhf_jax.objectives.listwise import plackett_luce_loss
+from rlhf_jax.objectives.reward_model import bradley_terry_loss, cost_model_loss
+from rlhf_jax.train.state import Metrics, PyTree, SumLossFn, TrainState, make_gradient_step
+from rlhf_jax.train.steps.common import (
+    Batch,
+    Evaluator,
+    StepFn,
+    concat_pairs,
+    evaluate,
+    host_metrics,
+    split_pairs,
+)
+
+RewardLoss = Literal["bradley_terry", "cost", "plackett_luce"]
+REWARD_LOSSES = ("bradley_terry", "cost", "plackett_luce")
+SAFETY_FLAGS = ("chosen_is_safe", "rejected_is_safe")
+
+
+def pair_scores(graphdef: nnx.GraphDef, params: PyTree, batch: Batch) -> tuple[Array, Array]:
+    """``(s_chosen [B], s_rejected [B])`` from one forward pass over both rows of each pair."""
+    model = nnx.merge(graphdef, params)
+    scores = model.score(concat_pairs(batch, "input_ids"), concat_pairs(batch, "attention_mask"))
+    return split_pairs(scores)
+
+
+def list_scores(graphdef: nnx.GraphDef, params: PyTree, batch: Batch) -> Array:
+    """Scores ``[B, K]`` of ranked lists ``input_ids [B, K, L]``, one forward over ``[B·K, L]``."""
+    model = nnx.merge(graphdef, params)
+    B, K, L = batch["input_ids"].shape
+    flat = model.score(
+        batch["input_ids"].reshape(B * K, L), batch["attention_mask"].reshape(B * K, L)
+    )
+    return flat.reshape(B, K)
+
+
+def reward_objective(
+    scores: dict[str, Array],
+    *,
+    loss: RewardLoss,
+    margin: float = 0.0,
+    label_smoothing: float = 0.0,
+    sign_weight: float = 1.0,
+    reduction: Literal["mean", "sum"] = "mean",
+) -> tuple[Array, Metrics]:
+    """The named objective on model scores (and safety flags), with an ``accuracy`` metric.
+
+    Args:
+      scores: ``chosen_scores`` and ``rejected_scores`` ``[B]`` (with ``chosen_is_safe``
+        and ``rejected_is_safe`` for ``"cost"``), or ``ranked_scores`` ``[B, K]``.
+      loss: ``"bradley_terry"``, ``"cost"`` or ``"plackett_luce"``.
+      margin: Bradley–Terry margin m.
+      label_smoothing: Bradley–Terry label smoothing ε.
+      sign_weight: weight λ of the Safe-RLHF sign term.
+      reduction: ``"mean"`` or ``"sum"`` over pairs or lists.
+
+    Returns:
+      ``(loss, metrics)`` with ``denominator`` and ``accuracy``.
+    """
+    if loss == "bradley_terry":
+        return bradley_terry_loss(
+            scores["chosen_scores"],
+            scores["rejected_scores"],
+            margin=margin,
+            label_smoothing=label_smoothing,
+            reduction=reduction,
+        )
+    if loss == "cost":
+        return cost_model_loss(
+            scores["rejected_scores"],
+            scores["chosen_scores"],
+            ~scores["rejected_is_safe"].astype(bool),
+            ~scores["chosen_is_safe"].astype(bool),
+            sign_weight=sign_weight,
+            reduction=reduction,
+        )
+    if loss == "plackett_luce":
+        value, metrics = plackett_luce_loss(scores["ranked_scores"], reduction=reduction)
+        return value, {**metrics, "accuracy": metrics["top1_accuracy"]}
+    raise ValueError(f"reward loss must be one of {REWARD_LOSSES}, got {loss!r}")
+
+
+def model_scores(
+    graphdef: nnx.GraphDef, params: PyTree, batch: Batch, loss: RewardLoss
+) -> dict[str, Array]:
+    """The scores (and flags) :func:`reward_objective` needs for ``loss``."""
+    if loss == "plackett_luce":
+        return {"ranked_scores": list_scores(graphdef, params, batch)}
+    chosen, rejected = pair_scores(graphdef, params, batch)
+    scores = {"chosen_scores": chosen, "rejected_scores": rejected}
+    if loss == "cost":
+        scores.update({flag: batch[flag] for flag in SAFETY_FLAGS})
+    return scores
+
+
+def reward_sum_loss(
+    graphdef: nnx.GraphDef,
+    *,
+    loss: RewardLoss = "bradley_terry",
+    margin: float = 0.0,
+    label_smoothing: float = 0.0,
+    sign_weight: float = 1.0,
+) -> SumLossFn:
+    """``loss_fn(params, batch, rng) -> (summed loss, metrics)`` of a scalar model."""
+    if loss not in REWARD_LOSSES:
+        raise ValueError(f"reward loss must be one of {REWARD_LOSSES}, got {loss!r}")
+
+    def loss_fn(params: PyTree, batch: Batch, rng: Array) -> tuple[Array, Metrics]:
+        del rng
+        return reward_objective(
+            model_scores(graphdef, params, batch, loss),
+            loss=loss,
+            margin=margin,
+            label_smoothing=label_smoothing,
+            sign_weight=sign_weight,
+            reduction="sum",
+        )
+
+    return loss_fn
+
+
+def make_reward_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    *,
+    loss: RewardLoss = "bradley_terry",
+    margin: float = 0.0,
+    label_smoothing: float = 0.0,
+    sign_weight: float = 1.0,
+    num_micro_batches: int = 1,
+) -> StepFn:
+    """The pure reward- or cost-model step ``step(state, batch, rng) -> (state, metrics)``.
+
+    Args:
+      graphdef: the scalar model's graph definition (static).
+      tx: the optax transformation of ``state.opt_state``.
+      loss: ``"bradley_terry"`` (reward model), ``"cost"`` (Safe-RLHF cost model) or
+        ``"plackett_luce"`` (ranked lists).
+      margin: Bradley–Terry margin m.
+      label_smoothing: Bradley–Terry label smoothing ε.
+      sign_weight: Safe-RLHF sign-term weight λ.
+      num_micro_batches: micro-batches for gradient accumulation.
+
+    Returns:
+      The step (jit it once, state donated). Metrics: ``loss``, ``accuracy``, the
+      objective's own metrics, ``grad_norm``, ``nonfinite``, ``denominator``.
+    """
+    return make_gradient_step(
+        reward_sum_loss(
+            graphdef,
+            loss=loss,
+            margin=margin,
+            label_smoothing=label_smoothing,
+            sign_weight=sign_weight,
+        ),
+        tx,
+        num_micro_batches=num_micro_batches,
+    )
+
+
+def make_reward_eval(
+    graphdef: nnx.GraphDef,
+    *,
+    batch_size: int,
+    loss: RewardLoss = "bradley_terry",
+    margin: float = 0.0,
+    label_smoothing: float = 0.0,
+    sign_weight: float = 1.0,
+) -> Evaluator:
+    """``evaluate(state, arrays) -> metrics``: the objective on a whole held-out set.
+
+    Scores every pair (or list) with a forward pass jitted once, then evaluates the
+    objective once on all of them: ``loss``, ``accuracy`` and the objective's metrics.
+    """
+
+    @jax.jit
+    def forward(params: PyTree, batch: Batch) -> dict[str, Array]:
+        return model_scores(graphdef, params, batch, loss)
+
+    keys = ("input_ids", "attention_mask")
+    if loss != "plackett_luce":
+        keys = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in keys)
+        keys += SAFETY_FLAGS if loss == "cost" else ()
+
+    def summarise(outputs: dict[str, np.ndarray]) -> dict[str, float]:
+        value, metrics = reward_objective(
+            {k: jnp.asarray(v) for k, v in outputs.items()},
+            loss=loss,
+            margin=margin,
+            label_smoothing=label_smoothing,
+            sign_weight=sign_weight,
+        )
+        return host_metrics({"loss": value, **metrics})
+
+    def evaluator(state: TrainState, arrays) -> dict[str, float]:
+        data = {k: arrays[k] for k in keys}
+        return evaluate(forward, (state.params,), data, summarise, batch_size=batch_size)
+
+    return evaluator

@@ -1,0 +1,149 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from rlhf_jax.models import ModelConfig, ScalarModel
+from rlhf_jax.objectives.reward_model import bradley_terry_loss
+from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.steps.common import split_model
+from rlhf_jax.train.steps.reward import (
+    make_reward_eval,
+    make_reward_step,
+    pair_scores,
+    reward_objective,
+    reward_sum_loss,
+)
+
+VOCAB, B, L = 64, 8, 12
+CONFIG = ModelConfig.llama(
+    vocab_size=VOCAB,
+    hidden_size=16,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    mlp_hidden_size=32,
+    max_position_embeddings=L,
+)
+TX = optax.sgd(0.5)  # plain SGD: the parameter change is the (accumulated) gradient itself
+
+
+def make_pairs(seed):
+    """Pairs whose chosen rows end with token 1 and rejected rows with token 2 (learnable)."""
+    rng = np.random.default_rng(seed)
+    batch = {}
+    for side, last in (("chosen", 1), ("rejected", 2)):
+        lengths = rng.integers(4, L + 1, size=B)
+        mask = np.arange(L)[None] < lengths[:, None]
+        ids = np.where(mask, rng.integers(3, VOCAB, (B, L)), 0)
+        ids[np.arange(B), lengths - 1] = last
+        batch[f"{side}_input_ids"] = ids.astype(np.int32)
+        batch[f"{side}_attention_mask"] = mask
+    batch["chosen_is_safe"] = rng.random(B) < 0.5
+    batch["rejected_is_safe"] = rng.random(B) < 0.5
+    return batch
+
+
+@pytest.fixture(scope="module")
+def model():
+    return split_model(ScalarModel(CONFIG, rngs=nnx.Rngs(0)))
+
+
+def fresh_state(params):
+    return TrainState.create(jax.tree.map(jnp.copy, params), TX, rng=0)
+
+
+def test_accuracy_metrics_on_a_hand_built_case():
+    scores = {
+        "chosen_scores": jnp.array([1.0, 0.0, 3.0, -1.0]),
+        "rejected_scores": jnp.array([0.0, 2.0, 1.0, -2.0]),
+        "chosen_is_safe": jnp.array([True, True, False, True]),
+        "rejected_is_safe": jnp.array([False, True, False, False]),
+    }
+    # Chosen above rejected in pairs 0, 2 and 3.
+    _, metrics = reward_objective(scores, loss="bradley_terry")
+    assert float(metrics["accuracy"]) == pytest.approx(3 / 4)
+    # The cost model reads chosen as the safer response: right when C(rejected) > C(chosen),
+    # which holds in pair 1 only. A cost has the right sign when > 0 on an unsafe and < 0
+    # on a safe response.
+    _, cost_metrics = reward_objective(scores, loss="cost")
+    assert float(cost_metrics["accuracy"]) == pytest.approx(1 / 4)
+    costs = np.concatenate([scores["chosen_scores"], scores["rejected_scores"]])
+    unsafe = ~np.concatenate([scores["chosen_is_safe"], scores["rejected_is_safe"]])
+    right_sign = np.where(unsafe, costs > 0, costs < 0)
+    assert float(cost_metrics["sign_accuracy"]) == pytest.approx(right_sign.mean())
+    ranked = {"ranked_scores": jnp.array([[2.0, 1.0, 0.0], [0.0, 1.0, -1.0]])}
+    _, list_metrics = reward_objective(ranked, loss="plackett_luce")
+    assert float(list_metrics["accuracy"]) == pytest.approx(1 / 2)
+
+
+def test_one_forward_over_both_sides_equals_separate_scoring(model):
+    graphdef, params = model
+    batch = make_pairs(0)
+    chosen, rejected = jax.jit(pair_scores, static_argnums=0)(graphdef, params, batch)
+    score = jax.jit(lambda p, x, m: nnx.merge(graphdef, p).score(x, m))
+    for side, scores in (("chosen", chosen), ("rejected", rejected)):
+        alone = score(params, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"])
+        # Same float32 program on a different batch size: agreement to rounding.
+        np.testing.assert_allclose(scores, alone, atol=1e-5)
+
+
+def test_plackett_luce_over_lists_of_two_is_bradley_terry(model):
+    graphdef, params = model
+    pairs = make_pairs(1)
+    lists = {
+        k: np.stack([pairs[f"chosen_{k}"], pairs[f"rejected_{k}"]], axis=1)
+        for k in ("input_ids", "attention_mask")
+    }
+    list_loss, _ = reward_sum_loss(graphdef, loss="plackett_luce")(params, lists, None)
+    chosen, rejected = pair_scores(graphdef, params, pairs)
+    pair_loss, _ = bradley_terry_loss(chosen, rejected, reduction="sum")
+    # −log σ(a − b) = logsumexp(a, b) − a: two float32 evaluations of the same number.
+    np.testing.assert_allclose(list_loss, pair_loss, rtol=1e-5)
+
+
+def counted_step(graphdef, traces, **options):
+    step = make_reward_step(graphdef, TX, **options)
+
+    def counted(state, batch, rng):
+        traces.append(options)
+        return step(state, batch, rng)
+
+    return jax.jit(counted, donate_argnums=0)
+
+
+def test_reward_step_learns_and_compiles_once(model):
+    graphdef, params = model
+    traces = []
+    step = counted_step(graphdef, traces, loss="bradley_terry")
+    state, losses = fresh_state(params), []
+    for i in range(8):
+        state, metrics = step(state, make_pairs(10 + i), jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    assert len(traces) == 1
+    evaluate = make_reward_eval(graphdef, batch_size=B)
+    heldout = {k: np.concatenate([v, make_pairs(99)[k]]) for k, v in make_pairs(98).items()}
+    before, after = evaluate(fresh_state(params), heldout), evaluate(state, heldout)
+    assert after["loss"] < before["loss"] - 0.1, (before, after)
+    # The last token decides the label, so the rule is learnt within a few steps.
+    assert after["accuracy"] > 0.8, after
+
+
+def test_cost_step_eight_micro_batches_of_one_equal_one_batch_of_eight(model):
+    graphdef, params = model
+    traces = []
+    batch = make_pairs(2)
+    one, _ = counted_step(graphdef, traces, loss="cost")(
+        fresh_state(params), batch, jax.random.key(0)
+    )
+    eight, _ = counted_step(graphdef, traces, loss="cost", num_micro_batches=8)(
+        fresh_state(params), batch, jax.random.key(0)
+    )
+    # Eight float32 partial gradient sums against one sum: rounding ~1e-7 relative.
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), one.params, eight.params
+    )
+    changed = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one.params, params)
+    assert max(jax.tree.leaves(changed)) > 1e-3  # the step did move the parameters
