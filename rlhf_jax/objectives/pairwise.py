@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from rlhf_jax.objectives.links import logistic_loss
 from rlhf_jax.objectives.reduction import Reduction, reduce_loss
 
 PairwiseLoss = Callable[..., tuple[Array, dict[str, Array]]]
@@ -54,11 +55,6 @@ def _require_lengths(name: str, chosen_lengths: Array | None, rejected_lengths: 
 
 def _per_token(logps: Array, lengths: Array) -> Array:
     return logps / jnp.maximum(lengths.astype(logps.dtype), 1.0)
-
-
-def _logistic(z: Array) -> Array:
-    """ℓ(z) = −log σ(z)."""
-    return -jax.nn.log_sigmoid(z)
 
 
 def _finish(
@@ -108,7 +104,9 @@ def dpo_loss(
     a_w = policy_chosen_logps - ref_chosen_logps
     a_l = policy_rejected_logps - ref_rejected_logps
     logits = beta * (a_w - a_l)
-    per_pair = (1.0 - label_smoothing) * _logistic(logits) + label_smoothing * _logistic(-logits)
+    per_pair = (1.0 - label_smoothing) * logistic_loss(logits) + label_smoothing * logistic_loss(
+        -logits
+    )
     return _finish(per_pair, beta * a_w, beta * a_l, reduction)
 
 
@@ -135,9 +133,9 @@ def robust_dpo_loss(
     a_w = policy_chosen_logps - ref_chosen_logps
     a_l = policy_rejected_logps - ref_rejected_logps
     logits = beta * (a_w - a_l)
-    per_pair = ((1.0 - label_noise) * _logistic(logits) - label_noise * _logistic(-logits)) / (
-        1.0 - 2.0 * label_noise
-    )
+    per_pair = (
+        (1.0 - label_noise) * logistic_loss(logits) - label_noise * logistic_loss(-logits)
+    ) / (1.0 - 2.0 * label_noise)
     return _finish(per_pair, beta * a_w, beta * a_l, reduction)
 
 
@@ -265,7 +263,7 @@ def nca_pair_loss(
     _check_pairs(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     r_w = beta * (policy_chosen_logps - ref_chosen_logps)
     r_l = beta * (policy_rejected_logps - ref_rejected_logps)
-    per_pair = _logistic(r_w) + 0.5 * _logistic(-r_w) + 0.5 * _logistic(-r_l)
+    per_pair = logistic_loss(r_w) + 0.5 * logistic_loss(-r_w) + 0.5 * logistic_loss(-r_l)
     return _finish(per_pair, r_w, r_l, reduction)
 
 
@@ -295,7 +293,7 @@ def bco_pair_loss(
     r_w = beta * (policy_chosen_logps - ref_chosen_logps)
     r_l = beta * (policy_rejected_logps - ref_rejected_logps)
     shift = jax.lax.stop_gradient(jnp.asarray(reward_shift, r_w.dtype))
-    per_pair = _logistic(r_w - shift) + _logistic(-(r_l - shift))
+    per_pair = logistic_loss(r_w - shift) + logistic_loss(-(r_l - shift))
     batch_mean = jax.lax.stop_gradient(0.5 * (jnp.mean(r_w) + jnp.mean(r_l)))
     new_shift = shift_decay * shift + (1.0 - shift_decay) * batch_mean
     return _finish(per_pair, r_w, r_l, reduction, reward_shift=new_shift)
@@ -354,7 +352,9 @@ def aot_pair_loss(
     policy_margin = jnp.sort(policy_chosen_logps - policy_rejected_logps)
     ref_margin = jnp.sort(ref_chosen_logps - ref_rejected_logps)
     logits = beta * (policy_margin - ref_margin)
-    per_pair = (1.0 - label_smoothing) * _logistic(logits) + label_smoothing * _logistic(-logits)
+    per_pair = (1.0 - label_smoothing) * logistic_loss(logits) + label_smoothing * logistic_loss(
+        -logits
+    )
     a_w = policy_chosen_logps - ref_chosen_logps
     a_l = policy_rejected_logps - ref_rejected_logps
     return _finish(per_pair, beta * a_w, beta * a_l, reduction)
@@ -434,7 +434,7 @@ def discopop_loss(
     a_l = policy_rejected_logps - ref_rejected_logps
     logits = beta * (a_w - a_l)
     modulation = jax.nn.sigmoid(logits / temperature)
-    per_pair = (1.0 - modulation) * _logistic(logits) + modulation * jnp.exp(-logits)
+    per_pair = (1.0 - modulation) * logistic_loss(logits) + modulation * jnp.exp(-logits)
     return _finish(per_pair, beta * a_w, beta * a_l, reduction)
 
 
@@ -462,7 +462,7 @@ def simpo_loss(
     _check_pairs(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths)
     r_w = beta * _per_token(policy_chosen_logps, chosen_lengths)
     r_l = beta * _per_token(policy_rejected_logps, rejected_lengths)
-    per_pair = _logistic(r_w - r_l - target_margin)
+    per_pair = logistic_loss(r_w - r_l - target_margin)
     return _finish(per_pair, r_w, r_l, reduction)
 
 
@@ -489,7 +489,9 @@ def cpo_loss(
     _check_pairs(policy_chosen_logps, policy_rejected_logps, chosen_lengths)
     r_w, r_l = beta * policy_chosen_logps, beta * policy_rejected_logps
     logits = r_w - r_l
-    preference = (1.0 - label_smoothing) * _logistic(logits) + label_smoothing * _logistic(-logits)
+    preference = (1.0 - label_smoothing) * logistic_loss(logits) + label_smoothing * logistic_loss(
+        -logits
+    )
     chosen = policy_chosen_logps
     if chosen_lengths is not None:
         chosen = _per_token(chosen, chosen_lengths)
@@ -526,7 +528,7 @@ def orpo_loss(
     mean_w = _per_token(policy_chosen_logps, chosen_lengths)
     mean_l = _per_token(policy_rejected_logps, rejected_lengths)
     log_odds_ratio = (mean_w - jnp.log1p(-jnp.exp(mean_w))) - (mean_l - jnp.log1p(-jnp.exp(mean_l)))
-    odds_ratio_term = _logistic(log_odds_ratio)
+    odds_ratio_term = logistic_loss(log_odds_ratio)
     per_pair = -mean_w + odds_ratio_weight * odds_ratio_term
     return _finish(
         per_pair,
@@ -584,7 +586,7 @@ def f_dpo_loss(
     a_l = policy_rejected_logps - ref_rejected_logps
     r_w = beta * f_divergence_derivative(a_w, divergence, alpha)
     r_l = beta * f_divergence_derivative(a_l, divergence, alpha)
-    return _finish(_logistic(r_w - r_l), r_w, r_l, reduction)
+    return _finish(logistic_loss(r_w - r_l), r_w, r_l, reduction)
 
 
 PAIRWISE_LOSSES: dict[str, PairwiseLoss] = {

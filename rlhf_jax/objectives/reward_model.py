@@ -12,11 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from rlhf_jax.objectives.links import logistic_loss
 from rlhf_jax.objectives.reduction import Reduction, reduce_loss
-
-
-def _logistic(z: Array) -> Array:
-    return -jax.nn.log_sigmoid(z)
 
 
 def bradley_terry_loss(
@@ -50,8 +47,8 @@ def bradley_terry_loss(
     chex.assert_rank([chosen_scores, rejected_scores], 1)
     chex.assert_equal_shape([chosen_scores, rejected_scores])
     difference = chosen_scores - rejected_scores
-    per_pair = (1.0 - label_smoothing) * _logistic(difference - margin) + (
-        label_smoothing * _logistic(-difference - margin)
+    per_pair = (1.0 - label_smoothing) * logistic_loss(difference - margin) + (
+        label_smoothing * logistic_loss(-difference - margin)
     )
     loss, denominator = reduce_loss(per_pair, reduction=reduction)
     difference = jax.lax.stop_gradient(difference)
@@ -98,8 +95,8 @@ def cost_model_loss(
     chex.assert_equal_shape([*arrays, less_harmful_is_unsafe])
     sign_w = jnp.where(more_harmful_is_unsafe, 1.0, -1.0).astype(more_harmful_costs.dtype)
     sign_l = jnp.where(less_harmful_is_unsafe, 1.0, -1.0).astype(less_harmful_costs.dtype)
-    preference = _logistic(more_harmful_costs - less_harmful_costs)
-    sign = _logistic(sign_w * more_harmful_costs) + _logistic(sign_l * less_harmful_costs)
+    preference = logistic_loss(more_harmful_costs - less_harmful_costs)
+    sign = logistic_loss(sign_w * more_harmful_costs) + logistic_loss(sign_l * less_harmful_costs)
     per_pair = preference + sign_weight * sign
     loss, denominator = reduce_loss(per_pair, reduction=reduction)
     c_w = jax.lax.stop_gradient(more_harmful_costs)

@@ -39,11 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from rlhf_jax.objectives.links import logistic_loss
 from rlhf_jax.objectives.reduction import Reduction, reduce_loss
-
-
-def _logistic(z: Array) -> Array:
-    return -jax.nn.log_sigmoid(z)
 
 
 def preference_strength(chosen_scores: Array, rejected_scores: Array) -> tuple[Array, Array]:
@@ -160,9 +157,9 @@ def strength_reward_loss(
     chex.assert_rank([chosen_scores, rejected_scores], 1)
     chex.assert_equal_shape([chosen_scores, rejected_scores])
     difference = chosen_scores - rejected_scores
-    per_pair = label_probs * _logistic(difference - margin) + (1.0 - label_probs) * _logistic(
-        -difference - margin
-    )
+    per_pair = label_probs * logistic_loss(difference - margin) + (
+        1.0 - label_probs
+    ) * logistic_loss(-difference - margin)
     loss, denominator = reduce_loss(per_pair, reduction=reduction)
     difference = jax.lax.stop_gradient(difference)
     return loss, {

@@ -13,11 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
+from rlhf_jax.objectives.links import logistic_loss
 from rlhf_jax.objectives.reduction import Reduction, reduce_loss
-
-
-def _logistic(z: Array) -> Array:
-    return -jax.nn.log_sigmoid(z)
 
 
 def kto_reference_point(policy_kl_logps: Array, ref_kl_logps: Array) -> Array:
@@ -115,7 +112,9 @@ def aot_unpaired_loss(
     chosen_sorted = jnp.sort(policy_chosen_logps - ref_chosen_logps)
     rejected_sorted = jnp.sort(policy_rejected_logps - ref_rejected_logps)
     logits = beta * (chosen_sorted - rejected_sorted)
-    per_item = (1.0 - label_smoothing) * _logistic(logits) + label_smoothing * _logistic(-logits)
+    per_item = (1.0 - label_smoothing) * logistic_loss(logits) + label_smoothing * logistic_loss(
+        -logits
+    )
     loss, denominator = reduce_loss(per_item, reduction=reduction)
     return loss, {
         "denominator": denominator,
@@ -147,7 +146,7 @@ def bco_unpaired_loss(
     rewards = beta * (policy_logps - ref_logps)
     shift = jax.lax.stop_gradient(jnp.asarray(reward_shift, rewards.dtype))
     signed = jnp.where(desirable, 1.0, -1.0).astype(rewards.dtype)
-    per_item = _logistic(signed * (rewards - shift))
+    per_item = logistic_loss(signed * (rewards - shift))
     loss, denominator = reduce_loss(per_item, reduction=reduction)
     new_shift = shift_decay * shift + (1.0 - shift_decay) * jnp.mean(jax.lax.stop_gradient(rewards))
     return loss, {
