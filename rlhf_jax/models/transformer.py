@@ -356,9 +356,12 @@ class Decoder(nnx.Module):
         attention_mask: Array | None,
         cache: KVCache | None,
         cache_index: Array | None,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
         chex.assert_rank(tokens, 2)
         B, T = tokens.shape
+        if segment_ids is not None and cache is not None:
+            raise ValueError("Decoder: segment_ids (packed rows) cannot be combined with a cache.")
         if cache is None:
             if attention_mask is None:
                 attention_mask = jnp.ones((B, T), jnp.bool_)
@@ -368,6 +371,9 @@ class Decoder(nnx.Module):
                 positions = default_positions(attention_mask)
             causal = jnp.tril(jnp.ones((T, T), jnp.bool_))
             key_mask = causal[None] & attention_mask[:, None, :]
+            if segment_ids is not None:
+                chex.assert_shape(segment_ids, (B, T))
+                key_mask &= segment_ids[:, :, None] == segment_ids[:, None, :]
         else:
             if positions is None or cache_index is None:
                 raise ValueError(
@@ -418,9 +424,10 @@ class Decoder(nnx.Module):
         *,
         positions: Array | None = None,
         attention_mask: Array | None = None,
+        segment_ids: Array | None = None,
     ) -> Array:
         """Final-normed hidden states ``[B, T, E]`` (no cache), e.g. for scalar heads."""
-        hidden, _ = self._trunk(tokens, positions, attention_mask, None, None)
+        hidden, _ = self._trunk(tokens, positions, attention_mask, None, None, segment_ids)
         return hidden
 
     def __call__(
@@ -431,12 +438,17 @@ class Decoder(nnx.Module):
         attention_mask: Array | None = None,
         cache: KVCache | None = None,
         cache_index: Array | int | None = None,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
         """Next-token logits for ``tokens`` (and the updated cache when one is given).
 
         Without a cache, query t attends to keys s ≤ t whose ``attention_mask[b, s]`` is
         set (``attention_mask`` is ``[B, T]``); positions default to
         ``max(cumsum(mask) − 1, 0)`` so left padding keeps the real tokens' positions.
+        A packed row (several sequences per row) passes ``segment_ids`` ``[B, T]``: query
+        t then also needs ``segment_ids[b, s] == segment_ids[b, t]``, a block-diagonal
+        causal mask, so each packed sequence is computed exactly as if it were alone
+        (with its own positions restarting at 0).
 
         With a cache (``[B, S, K, D]`` per layer), the new keys/values are written at
         slots ``cache_index … cache_index + T − 1`` and query t attends to slots
@@ -449,9 +461,12 @@ class Decoder(nnx.Module):
           attention_mask: ``[B, T]`` (no cache) or ``[B, S]`` (cache); true/1 = real token.
           cache: a :class:`KVCache` from :meth:`init_cache`, or ``None``.
           cache_index: int32 scalar (may be traced), the first slot written.
+          segment_ids: ``[B, T]`` int ids of the packed sequences (no cache only).
 
         Returns:
           ``(logits [B, T, V] float32, updated cache or None)``.
         """
-        hidden, new_cache = self._trunk(tokens, positions, attention_mask, cache, cache_index)
+        hidden, new_cache = self._trunk(
+            tokens, positions, attention_mask, cache, cache_index, segment_ids
+        )
         return self.logits_from_hidden(hidden), new_cache

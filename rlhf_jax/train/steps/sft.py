@@ -9,10 +9,9 @@ one division by the whole batch's token count, so any split gives the same updat
 Batches (from :mod:`rlhf_jax.data.task_batches`): ``input_ids``, ``attention_mask``,
 ``positions`` and ``loss_mask``, ``[B, L]``. A packed batch adds ``segment_ids`` (several
 dialogues per row, positions restarting at 0 in each): a token is then a target only when
-its predecessor belongs to the same segment, so no loss crosses a boundary. The decoder's
-attention takes a ``[B, L]`` key mask, not segment ids, so inside a packed row a token
-still attends to earlier segments; their positions restart, but the contexts are not
-isolated as they would be with a block-diagonal mask.
+its predecessor belongs to the same segment, so no loss crosses a boundary, and the
+decoder's attention is block-diagonal over the segments (``segment_ids`` passed to the
+model), so every packed dialogue is computed exactly as it would be alone in its row.
 """
 
 from __future__ import annotations
@@ -52,7 +51,10 @@ def token_logprobs_and_mask(
     """``(log π(x_t | x_<t) · m_t, m_t)``, ``[B, L]`` each, targets of :func:`target_mask`."""
     model = nnx.merge(graphdef, params)
     logits, _ = model(
-        batch["input_ids"], positions=batch["positions"], attention_mask=batch["attention_mask"]
+        batch["input_ids"],
+        positions=batch["positions"],
+        attention_mask=batch["attention_mask"],
+        segment_ids=batch.get("segment_ids"),
     )
     mask = target_mask(batch)
     per_token, _ = response_logprobs(logits, batch["input_ids"], mask)

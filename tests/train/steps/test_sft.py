@@ -77,6 +77,52 @@ def test_heldout_nll_matches_an_independent_log_softmax(model):
     np.testing.assert_allclose(metrics["nll_per_token"], total / count, rtol=1e-5)
 
 
+def test_packed_rows_equal_each_dialogue_computed_alone(model):
+    """Block-diagonal attention: a packed row's NLL is the sum of its dialogues' NLLs."""
+    graphdef, params = model
+    rng = np.random.default_rng(3)
+    lengths, row = (5, 7, 4), []
+    for length in lengths:
+        row.append(rng.integers(1, VOCAB, length))
+    tokens = np.concatenate(row)
+    segment_ids = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)])
+    positions = np.concatenate([np.arange(n) for n in lengths])
+    pad = L - tokens.size
+    packed = {
+        "input_ids": np.pad(tokens, (0, pad))[None].astype(np.int32),
+        "segment_ids": np.pad(segment_ids, (0, pad))[None].astype(np.int32),
+        "positions": np.pad(positions, (0, pad))[None].astype(np.int32),
+        "attention_mask": np.pad(np.ones(tokens.size, bool), (0, pad))[None],
+        "loss_mask": np.pad(np.ones(tokens.size, bool), (0, pad))[None],
+    }
+    evaluate = make_sft_eval(graphdef, batch_size=1)
+    state = fresh_state(params, optax.sgd(0.0))
+    packed_metrics = evaluate(state, packed)
+    alone_nll, alone_tokens = 0.0, 0.0
+    for dialogue in row:
+        n = dialogue.size
+        alone = {
+            "input_ids": np.pad(dialogue, (0, L - n))[None].astype(np.int32),
+            "positions": np.pad(np.arange(n), (0, L - n))[None].astype(np.int32),
+            "attention_mask": np.pad(np.ones(n, bool), (0, L - n))[None],
+            "loss_mask": np.pad(np.ones(n, bool), (0, L - n))[None],
+        }
+        metrics = evaluate(state, alone)
+        alone_nll += metrics["nll_per_token"] * metrics["tokens"]
+        alone_tokens += metrics["tokens"]
+    assert packed_metrics["tokens"] == alone_tokens == sum(n - 1 for n in lengths)
+    # Same f32 computations up to the masked-out scores: summation-order noise only.
+    np.testing.assert_allclose(
+        packed_metrics["nll_per_token"] * packed_metrics["tokens"], alone_nll, rtol=1e-5
+    )
+    # Without the segment mask (same targets) the later dialogues would read the earlier ones.
+    leaky = {k: v for k, v in packed.items() if k != "segment_ids"}
+    leaky["loss_mask"] = packed["loss_mask"] & (packed["positions"] > 0)
+    leaky_metrics = evaluate(state, leaky)
+    assert leaky_metrics["tokens"] == packed_metrics["tokens"]
+    assert abs(leaky_metrics["nll_per_token"] - packed_metrics["nll_per_token"]) > 1e-4
+
+
 TX = optax.sgd(1.0)  # plain SGD: the parameter change is the (accumulated) gradient itself
 
 
