@@ -7,13 +7,14 @@ replies are compared by one of two preference models (``config.preference``):
   computed inside the jitted step, which runs under the loop driver;
 - ``"oracle"``: the task's non-transitive oracle ``nontransitive_preference`` on the
   decoded replies (Munos et al., 2023, motivate Nash-MD by such cyclic preferences). The
-  oracle is Python on strings, so each iteration is three explicit pieces: a jitted
-  sampler, the oracle on the host, a jitted update. The loop driver only runs jittable
-  steps, so this mode is driven here, step by step, writing the same metrics file
-  (without checkpoints: such a run restarts from scratch).
+  oracle is Python on strings, so the step is a host step (:func:`oracle_step`): a
+  jitted sampler, the oracle on the host, a jitted update, run by the loop driver with
+  ``jit_step=False``.
 
-Evaluations report the gold reward, cost and harm rate of held-out replies (and the
-reward-model score when a reward model is given).
+Both modes train through the same path (``ppo.train_with_evaluations``): the same
+checkpoints, exact resume from the newest one, metrics and evaluations. Evaluations
+report the gold reward, cost and harm rate of held-out replies, the KL to the reference
+(``eval_kl``) and the reward-model score when a reward model is given.
 
 ``python experiments/nash_md.py --config=experiments/configs/nash_md.py
 --workdir=runs/nash --config.init_from=runs/sft --config.preference=oracle``
@@ -22,23 +23,26 @@ reward-model score when a reward model is given).
 import functools
 import pathlib
 import sys
+from collections.abc import Callable, Sequence
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import jax
 import ml_collections
+import numpy as np
+import optax
 
 from experiments import common
 from experiments import ppo as rl
 from rlhf_jax.data.embedded_task import nontransitive_preference
 from rlhf_jax.train.config import ConfigError, Field
-from rlhf_jax.train.metrics import MetricsWriter
 from rlhf_jax.train.state import TrainState
-from rlhf_jax.train.steps.common import split_model
+from rlhf_jax.train.steps.common import StepFn, split_model
 from rlhf_jax.train.steps.nash_md import (
     NASH_LOSSES,
     NashMDConfig,
     NashMDModels,
+    Oracle,
     init_nash_md_extra,
     make_nash_md_generate,
     make_nash_md_step,
@@ -57,31 +61,34 @@ SCHEMA = {
 }
 
 
-def train_with_oracle(models, tx, nash_config, state, schedule, config, workdir, evaluate, label):
-    """Sample (jitted), label the pairs on the host, update (jitted), step by step.
+def oracle_step(
+    models: NashMDModels,
+    tx: optax.GradientTransformation,
+    nash_config: NashMDConfig,
+    prompt_texts: Sequence[str],
+    decode: Callable[[Sequence[int]], str],
+    oracle: Oracle,
+) -> StepFn:
+    """The host step of the oracle mode: jitted sampling, oracle on the host, jitted update.
 
-    ``label(pairs, prompt_index) -> preferences [B]`` runs in Python between the two
-    jitted functions. Returns ``(state, history, evaluations)``; metrics go to
-    ``workdir/metrics.jsonl``.
+    The pairs of :func:`~rlhf_jax.train.steps.nash_md.make_nash_md_generate` are decoded
+    and labelled in Python by :func:`~rlhf_jax.train.steps.nash_md.oracle_preferences`
+    (``prompt_texts[i]`` is the text of the batch's ``prompt_index`` ``i``), then
+    :func:`~rlhf_jax.train.steps.nash_md.make_nash_md_update` takes the gradient step.
+    The step's key is split as in :func:`~rlhf_jax.train.steps.nash_md.make_nash_md_step`
+    (sampling, update). Run it with ``loop.run(..., jit_step=False)``.
     """
     generate_pairs = jax.jit(make_nash_md_generate(models, nash_config))
     update = jax.jit(make_nash_md_update(models, tx, nash_config), donate_argnums=0)
-    writer = MetricsWriter(workdir, total_steps=config.num_steps, progress=False)
-    evaluations, history = [{"step": 0, **evaluate(state.params)}], []
-    for step in range(config.num_steps):
-        batch = schedule.batch_for_step(step)
-        sample_key, update_key = jax.random.split(jax.random.fold_in(state.rng, step))
-        pairs = generate_pairs(state, batch, sample_key)
-        preferences = label(pairs, batch["prompt_index"])
-        state, metrics = update(state, pairs, preferences, update_key)
-        state = state.replace(step=state.step + 1)
-        writer.record(step + 1, metrics)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.num_steps:
-            history.extend(writer.flush())
-        if (step + 1) % config.eval_every == 0 or step + 1 == config.num_steps:
-            evaluations.append({"step": step + 1, **evaluate(state.params)})
-    writer.close()
-    return state, history, evaluations
+
+    def step(state: TrainState, prompts: dict, rng: jax.Array):
+        sample_key, update_key = jax.random.split(rng)
+        pairs = generate_pairs(state, prompts, sample_key)
+        texts = [prompt_texts[i] for i in np.asarray(prompts["prompt_index"])]
+        preferences = oracle_preferences(pairs, texts, decode, oracle)
+        return update(state, pairs, preferences, update_key)
+
+    return step
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -114,19 +121,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     tx = common.build_optimizer(config)
     state = TrainState.create(policy_params, tx, rng=config.seed, extra=extra)
-    evaluate = rl.make_evaluator(config, tokenizer, task, policy_graphdef, scorers)
-    schedule = rl.prompt_schedule(config, tokenizer, task)
+    evaluate = rl.make_evaluator(
+        config,
+        tokenizer,
+        task,
+        policy_graphdef,
+        scorers,
+        reference_params=extra["reference_params"],
+    )
     if use_rm:
-        state, run_summary, history, evaluations = rl.train_with_evaluations(
-            make_nash_md_step(models, tx, nash_config),
-            state,
-            schedule,
-            config,
-            workdir,
-            evaluate,
-            lambda s: s.params,
-        )
-        steps = run_summary.final_step
+        step = make_nash_md_step(models, tx, nash_config)
     else:
         oracle = functools.partial(
             nontransitive_preference,
@@ -134,24 +138,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             cycle_strength=config.oracle_cycle_strength,
         )
         texts = [p.text for p in task.train_prompts]
-
-        def label(pairs, prompt_index):
-            prompts = [texts[i] for i in prompt_index]
-            return oracle_preferences(pairs, prompts, tokenizer.decode, oracle)
-
-        state, history, evaluations = train_with_oracle(
-            models, tx, nash_config, state, schedule, config, workdir, evaluate, label
-        )
-        steps = int(state.step)
+        step = oracle_step(models, tx, nash_config, texts, tokenizer.decode, oracle)
+    state, run_summary, history, evaluations = rl.train_with_evaluations(
+        step,
+        state,
+        rl.prompt_schedule(config, tokenizer, task),
+        config,
+        workdir,
+        evaluate,
+        lambda s: s.params,
+        jit_step=use_rm,
+    )
     common.export_params(workdir, "policy", state.params, architecture)
-    summary = {"preference": config.preference, "loss": config.loss, "steps": steps}
-    for key in ("preference", "kl", "response_length"):
-        summary[f"train_{key}_first"] = history[0][key]
-        summary[f"train_{key}_last"] = history[-1][key]
-    for name, value in evaluations[-1].items():
-        if name.startswith("eval_") and name != "eval_sample":
-            summary[f"{name}_initial"], summary[name] = evaluations[0][name], value
-    summary["evaluations"] = evaluations
+    summary = {
+        "preference": config.preference,
+        "loss": config.loss,
+        **rl.training_summary(
+            run_summary, history, evaluations, ("preference", "kl", "response_length")
+        ),
+    }
     return common.finish(workdir, f"Nash-MD ({config.loss}, {config.preference})", summary)
 
 

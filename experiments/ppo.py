@@ -6,13 +6,17 @@ head on the policy's trunk (``shared_critic=True``) or a copy of the reward mode
 (Ouyang et al., 2022, §3.5, initialise the value function from the reward model). Every
 ``eval_every`` steps the policy answers held-out prompts: the replies are decoded and
 scored by the gold reward and cost of the task (``embedded_task.score_responses``) and by
-the reward model. The pieces here (scorer loading, prompt schedule, evaluation, training
-between evaluations) are shared with ``safe_rlhf.py`` and ``nash_md.py``.
+the reward model, and their log-probabilities under the policy and the reference give
+the KL to the reference (:func:`make_evaluator`). The pieces here (scorer loading,
+prompt schedule, evaluation, training between evaluations) are shared with
+``safe_rlhf.py`` and ``nash_md.py``.
 
 ``python experiments/ppo.py --config=experiments/configs/ppo.py --workdir=runs/ppo
 --config.init_from=runs/sft --config.reward_from=runs/rm``
 """
 
+import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -20,6 +24,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -30,6 +35,7 @@ from experiments import common
 from rlhf_jax.data import task_batches
 from rlhf_jax.data.embedded_task import score_responses
 from rlhf_jax.models import ModelConfig, PolicyWithValueHead, ScalarModel
+from rlhf_jax.models.logprobs import sequence_logprobs
 from rlhf_jax.sampling import SamplingConfig, sample
 from rlhf_jax.train import loop
 from rlhf_jax.train.config import ConfigError, Field
@@ -155,21 +161,58 @@ def prompt_schedule(
 score_sequences = jax.jit(sequence_scores, static_argnums=0)
 
 
-def make_evaluator(config, tokenizer, task, policy_graphdef, scorers):
+@functools.partial(jax.jit, static_argnums=0)
+def sequence_log_ratios(
+    policy_graphdef: nnx.GraphDef,
+    policy_params,
+    reference_params,
+    tokens: jax.Array,
+    attention_mask: jax.Array,
+    response_mask: jax.Array,
+) -> jax.Array:
+    """``Σ_t [log π(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)]`` per row, ``[B]``.
+
+    The sum runs over the response tokens (``response_mask``) of ``[B, L]`` sequences;
+    ``π`` and ``π_ref`` share the decoder graph ``policy_graphdef``. For ``y ~ π`` this
+    is the single-sample ("k1") estimate of the sequence-level KL(π ‖ π_ref) (Schulman,
+    2020, "Approximating KL Divergence").
+    """
+    chex.assert_rank([tokens, attention_mask, response_mask], 2)
+    chex.assert_equal_shape([tokens, attention_mask, response_mask])
+
+    def log_probs(params):
+        model = nnx.merge(policy_graphdef, params)
+        _, per_sequence = sequence_logprobs(model, tokens, attention_mask, response_mask)
+        return per_sequence
+
+    return log_probs(policy_params) - log_probs(reference_params)
+
+
+def make_evaluator(config, tokenizer, task, policy_graphdef, scorers, reference_params=None):
     """``evaluate(policy_params) -> metrics`` on the first ``num_eval_prompts`` held-out prompts.
 
-    Samples one reply per prompt (jitted, fixed key), decodes it and reports the gold
-    ``eval_gold_reward``, ``eval_gold_cost`` and ``eval_harm_rate`` and, per scorer name
-    ``s`` in ``scorers`` (``{name: (graphdef, params)}``), ``eval_<s>_score``.
+    Samples one reply per prompt (jitted, fixed key per batch), decodes it and reports
+    the gold ``eval_gold_reward``, ``eval_gold_cost`` and ``eval_harm_rate``, per scorer
+    name ``s`` in ``scorers`` (``{name: (graphdef, params)}``) ``eval_<s>_score`` and,
+    given the reference (SFT) parameters, ``eval_kl``: the mean over the ``N`` prompts of
+    :func:`sequence_log_ratios`,
+
+        eval_kl = (1/N) Σ_i Σ_t [log π(y_it | x_i, y_i<t) − log π_ref(y_it | x_i, y_i<t)],
+
+    the k1 Monte Carlo estimate of KL(π ‖ π_ref) between the distributions of replies
+    (of at most ``max_new_tokens`` tokens), unbiased because ``y_i ~ π`` when
+    ``config.temperature`` is 1 (the default); exactly 0 when ``π`` is the reference.
     """
     texts = [p.text for p in task.heldout_prompts[: config.num_eval_prompts]]
     arrays = task_batches.task_prompt_arrays(texts, tokenizer, max_length=config.prompt_length)
     arrays = {k: arrays[k] for k in ("input_ids", "attention_mask")}
     sampling = sampling_config(config, tokenizer)
-    # Copies: the training state holds (and the loop donates) the scorers' own buffers.
+    # Copies: the training state holds (and the loop donates) these models' own buffers.
     scorer_params = {name: copy_tree(params) for name, (_, params) in scorers.items()}
+    if reference_params is not None:
+        reference_params = copy_tree(reference_params)
 
-    def rollout(policy_params, scorer_params, batch, rng):
+    def rollout(policy_params, batch, rng):
         # Module-level jitted functions: runs with the same shapes share their programs.
         output = sample(
             policy_graphdef,
@@ -183,37 +226,59 @@ def make_evaluator(config, tokenizer, task, policy_graphdef, scorers):
             name: score_sequences(scorers[name][0], params, output.tokens, output.attention_mask)
             for name, params in scorer_params.items()
         }
-        return output.tokens, output.response_mask, scores
+        log_ratios = None
+        if reference_params is not None:
+            log_ratios = sequence_log_ratios(
+                policy_graphdef,
+                policy_params,
+                reference_params,
+                output.tokens,
+                output.attention_mask,
+                output.response_mask,
+            )
+        return output.tokens, output.response_mask, scores, log_ratios
 
     def evaluate(policy_params) -> dict[str, float]:
-        replies, scores = [], {name: [] for name in scorers}
+        replies, scores, log_ratios = [], {name: [] for name in scorers}, []
         batches = task_batches.sequential_batches(arrays, batch_size=config.eval_batch_size)
         for index, (batch, valid) in enumerate(batches):
-            tokens, mask, batch_scores = jax.device_get(
-                rollout(policy_params, scorer_params, batch, jax.random.key(index))
+            tokens, mask, batch_scores, batch_log_ratios = jax.device_get(
+                rollout(policy_params, batch, jax.random.key(index))
             )
             for row, keep in zip(tokens[:valid], mask[:valid].astype(bool), strict=True):
                 replies.append(tokenizer.decode(row[keep]))
             for name, values in batch_scores.items():
                 scores[name].extend(np.asarray(values)[:valid].tolist())
+            if batch_log_ratios is not None:
+                log_ratios.extend(np.asarray(batch_log_ratios)[:valid].tolist())
         metrics = {f"eval_{k}": v for k, v in score_responses(texts, replies).items()}
         metrics.update({f"eval_{name}_score": float(np.mean(v)) for name, v in scores.items()})
+        if reference_params is not None:
+            metrics["eval_kl"] = float(np.mean(log_ratios))
         metrics["eval_sample"] = f"{texts[0]!r} -> {replies[0]!r}"
         return metrics
 
     return evaluate
 
 
-def train_with_evaluations(step, state, schedule, config, workdir, evaluate, policy_params):
+def train_with_evaluations(
+    step, state, schedule, config, workdir, evaluate, policy_params, *, jit_step=True
+):
     """The loop driver to ``num_steps``, stopping every ``eval_every`` steps to evaluate.
 
     Each segment is one call of :func:`rlhf_jax.train.loop.run` to the next evaluation
     step; the loop saves a checkpoint at the end of each segment and the next segment
-    resumes from it (so a killed run also resumes). Returns ``(state, summary, history,
-    evaluations)`` with the evaluations of step 0 (the initial policy) and every segment.
+    resumes from it (so a killed run also resumes, from its newest checkpoint). Each
+    evaluation is labelled with the step the policy has reached; a segment that a
+    restored checkpoint has already passed adds none. ``jit_step=False`` passes a host
+    step (see :mod:`rlhf_jax.train.loop`). Returns ``(state, summary, history,
+    evaluations)``: the summary of the whole call (its ``start_step`` and ``resumed``
+    from the first segment), the metric records, and the evaluations of step 0 (the
+    initial policy) and of every segment.
     """
     evaluations = [{"step": 0, **evaluate(policy_params(state))}]
     targets = [*range(config.eval_every, config.num_steps, config.eval_every), config.num_steps]
+    first = None
     for target in targets:
         state, summary = loop.run(
             step,
@@ -226,15 +291,24 @@ def train_with_evaluations(step, state, schedule, config, workdir, evaluate, pol
             config=config,
             progress=sys.stderr.isatty(),
             progress_keys=("reward_score", "kl"),
+            jit_step=jit_step,
         )
-        evaluations.append({"step": target, **evaluate(policy_params(state))})
+        if first is None:
+            first = summary
+        if summary.final_step > evaluations[-1]["step"]:
+            evaluations.append({"step": summary.final_step, **evaluate(policy_params(state))})
+    summary = dataclasses.replace(summary, start_step=first.start_step, resumed=first.resumed)
     history = read_jsonl(os.path.join(workdir, JSONL_NAME))
     return state, summary, history, evaluations
 
 
 def training_summary(run_summary, history, evaluations, keys) -> dict:
-    """First and last values of the training ``keys`` and the first and last evaluations."""
-    summary = {"steps": run_summary.final_step}
+    """Steps, resume, first and last values of the training ``keys`` and evaluations."""
+    summary = {
+        "steps": run_summary.final_step,
+        "start_step": run_summary.start_step,
+        "resumed": run_summary.resumed,
+    }
     for key in keys:
         summary[f"{key}_first"], summary[f"{key}_last"] = history[0][key], history[-1][key]
     for name, value in evaluations[-1].items():
@@ -274,7 +348,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     state = TrainState.create(params, tx, rng=config.seed, extra=extra)
     evaluate = make_evaluator(
-        config, tokenizer, task, policy_graphdef, {"reward": (reward_graphdef, reward_params)}
+        config,
+        tokenizer,
+        task,
+        policy_graphdef,
+        {"reward": (reward_graphdef, reward_params)},
+        reference_params=reference_params,
     )
     state, run_summary, history, evaluations = train_with_evaluations(
         make_ppo_step(models, tx, ppo_config),

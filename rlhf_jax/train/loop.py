@@ -1,10 +1,24 @@
 """The one loop driver every experiment uses.
 
-:func:`run` calls a pure step ``step_fn(state, batch, rng) -> (state, metrics)`` for
-steps ``state.step, ..., num_steps - 1``. It jits the step once with the state donated,
-feeds it ``data.batch_for_step(t)`` and the key ``fold_in(state.rng, t)``, advances
-``state.step``, writes metrics every ``log_every`` steps (one device-to-host transfer for
-all pending steps) and saves a checkpoint every ``checkpoint_every`` steps and at the end.
+:func:`run` calls a step ``step_fn(state, batch, rng) -> (state, metrics)`` for steps
+``state.step, ..., num_steps - 1``. It feeds it ``data.batch_for_step(t)`` and the key
+``fold_in(state.rng, t)``, advances ``state.step``, writes metrics every ``log_every``
+steps (one device-to-host transfer for all pending steps) and saves a checkpoint every
+``checkpoint_every`` steps and at the end.
+
+Two kinds of step go through it, the same way:
+
+- a *pure* step (``jit_step=True``, the default): the whole step is traceable, and the
+  loop jits it once, with the state donated (and with explicit shardings when
+  ``state_sharding`` / ``batch_sharding`` are given);
+- a *host* step (``jit_step=False``): a step with Python work inside that cannot be
+  traced, e.g. a preference oracle on decoded text. It composes its own jitted pieces
+  (jitted sampling, labelling on the host, a jitted update) and the loop calls it as it
+  is, with the same key, batch, step counting, metrics, checkpoints and non-finite
+  handling. The loop places the state on ``state_sharding`` and each batch on
+  ``batch_sharding`` (when given); the step's jitted pieces keep those layouts. A host
+  step must still be a function of ``(state, batch, rng)`` only: the host work may not
+  keep state between calls, or a resumed run would differ from an uninterrupted one.
 
 Everything a run depends on is either in the state (parameters, optimiser, PRNG key,
 algorithm state, step = data position) or a pure function of the step number (the batch,
@@ -166,14 +180,32 @@ def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "
 
 
 def _advance(step_fn: StepFn, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
-    """One loop step: draw the step's key from the state, call ``step_fn``, count the step."""
+    """One loop step: draw the step's key from the state, call ``step_fn``, count the step.
+
+    ``state`` is read before ``step_fn`` runs: a host step may donate it to its own
+    jitted update.
+    """
     rng = jax.random.fold_in(state.rng, state.step)
+    next_step = state.step + 1
     new_state, metrics = step_fn(state, batch, rng)
-    return new_state.replace(step=state.step + 1), metrics
+    return new_state.replace(step=next_step), metrics
 
 
 # ``step_fn`` is static, so runs of the same step function share one compilation.
 _advance_jitted = jax.jit(_advance, static_argnums=0, donate_argnums=1)
+
+
+def _host_step(
+    step_fn: StepFn, batch_sharding: PyTree | None
+) -> Callable[[TrainState, PyTree], tuple[TrainState, Metrics]]:
+    """``_advance`` of a host step, called as it is, each batch placed on ``batch_sharding``."""
+
+    def advance(state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
+        if batch_sharding is not None:
+            batch = jax.device_put(batch, batch_sharding)
+        return _advance(step_fn, state, batch)
+
+    return advance
 
 
 def _jit_step(
@@ -207,13 +239,15 @@ def run(
     progress: bool = True,
     progress_keys: Sequence[str] = ("loss", "grad_norm"),
     async_checkpointing: bool = True,
+    jit_step: bool = True,
 ) -> tuple[TrainState, RunSummary]:
     """Train ``state`` with ``step_fn`` to ``num_steps``, resuming from ``workdir``.
 
     Args:
-      step_fn: the pure step ``step_fn(state, batch, rng) -> (state, metrics)``. It
-        must not advance ``state.step`` (the loop does); its ``metrics`` are a flat dict
-        of scalar arrays, with ``"loss"`` and, ideally, ``"nonfinite"``.
+      step_fn: the step ``step_fn(state, batch, rng) -> (state, metrics)``, pure (jitted
+        by the loop) or, with ``jit_step=False``, a host step (see the module docstring).
+        It must not advance ``state.step`` (the loop does); its ``metrics`` are a flat
+        dict of scalars, with ``"loss"`` and, ideally, ``"nonfinite"``.
       state: the initial state; when ``workdir`` holds a checkpoint it only gives the
         structure, dtypes and shardings the checkpoint is restored onto.
       data: the batch schedule (``data.batch_for_step(t)`` for step ``t``).
@@ -225,11 +259,15 @@ def run(
       on_nonfinite: ``"stop"`` raises :class:`NonFiniteError` at the first non-finite
         step; ``"skip"`` counts it (the step itself must leave the state unchanged).
       config: the run's config, saved in every checkpoint's metadata.
-      state_sharding: optional sharding pytree of the state (jit in/out shardings).
-      batch_sharding: optional sharding pytree of a batch.
+      state_sharding: optional sharding pytree of the state (jit in/out shardings;
+        for a host step, the layout the state is placed on).
+      batch_sharding: optional sharding pytree of a batch (for a host step, each batch
+        is placed on it before the step).
       progress: show a progress bar.
       progress_keys: metrics shown beside the progress bar.
       async_checkpointing: write checkpoints in the background.
+      jit_step: jit ``step_fn`` with the state donated (a pure step); ``False`` calls
+        it as it is (a host step that jits its own pieces).
 
     Returns:
       ``(state, summary)``: the state at ``num_steps`` and a :class:`RunSummary`.
@@ -271,7 +309,12 @@ def run(
             progress_keys=progress_keys,
         )
         cleanup.callback(writer.close)
-        jitted = _jit_step(step_fn, state_sharding, batch_sharding)
+        if jit_step:
+            advance = _jit_step(step_fn, state_sharding, batch_sharding)
+        else:
+            if state_sharding is not None:
+                state = jax.device_put(state, state_sharding)
+            advance = _host_step(step_fn, batch_sharding)
         last_metrics: dict[str, Any] = {}
 
         def flush_and_check() -> None:
@@ -293,7 +336,7 @@ def run(
             logging.info("checkpoint of step %d started", step)
 
         for step in range(start_step, num_steps):
-            state, metrics = jitted(state, data.batch_for_step(step))
+            state, metrics = advance(state, data.batch_for_step(step))
             writer.record(step + 1, metrics)
             if (step + 1) % checkpoint_every == 0 or step + 1 == num_steps:
                 flush_and_check()  # before saving: a checkpoint never follows a bad step

@@ -4,6 +4,9 @@ The SFT policy is exported by ``common.export_params`` from a freshly initialise
 decoder (the layout an SFT run leaves in its workdir).
 """
 
+import itertools
+
+import chex
 import numpy as np
 import pytest
 from flax import nnx
@@ -27,14 +30,42 @@ def sft_workdir(tmp_path_factory):
     return root / "sft"
 
 
-def test_nash_md_with_the_host_oracle_runs_and_logs(sft_workdir, tmp_path):
+class OracleCrashError(RuntimeError):
+    """The oracle's process dying mid-run."""
+
+
+def crash_after(num_calls, oracle):
+    """``oracle`` that raises on its call number ``num_calls`` (0-based)."""
+    calls = itertools.count()
+
+    def crashing(*args, **kwargs):
+        if next(calls) == num_calls:
+            raise OracleCrashError(f"oracle call {num_calls}")
+        return oracle(*args, **kwargs)
+
+    return crashing
+
+
+def test_nash_md_with_the_host_oracle_resumes_exactly_and_learns(
+    sft_workdir, tmp_path, monkeypatch
+):
     config = nash_configs.get_config("tiny")
     config.init_from = str(sft_workdir)
     config.num_steps = 4
-    config.eval_every = 2
-    summary = nash_md.run(config, str(tmp_path))
-    records = read_jsonl(tmp_path / JSONL_NAME)
-    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    config.eval_every = 2  # a checkpoint at the end of each segment: step 2
+    # The oracle labels batch_size pairs a step: it dies on the first pair of step 3.
+    with monkeypatch.context() as patch:
+        crashing = crash_after(2 * config.batch_size, nash_md.nontransitive_preference)
+        patch.setattr(nash_md, "nontransitive_preference", crashing)
+        with pytest.raises(OracleCrashError):
+            nash_md.run(config, str(tmp_path / "cut"))
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["2"]
+
+    summary = nash_md.run(config, str(tmp_path / "cut"))
+    assert summary["resumed"] and summary["start_step"] == 2 and summary["steps"] == 4
+    assert [e["step"] for e in summary["evaluations"]] == [0, 2, 4]
+    records = read_jsonl(tmp_path / "cut" / JSONL_NAME)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]  # every step logged once
     for record in records:
         # Oracle probabilities are σ(·) of finite margins: strictly inside (0, 1).
         assert 0.0 < record["preference"] < 1.0
@@ -42,9 +73,25 @@ def test_nash_md_with_the_host_oracle_runs_and_logs(sft_workdir, tmp_path):
     # The first batch is sampled from π = μ (same parameters): the KL estimate is 0.
     assert abs(records[0]["kl"]) < 1e-5
     assert records[-1]["kl"] != 0.0  # the policy moved away from the reference
-    assert [e["step"] for e in summary["evaluations"]] == [0, 2, 4]
-    assert np.isfinite(summary["eval_gold_reward"])
-    assert (tmp_path / "policy").is_dir()
+    # Held-out KL of the initial policy, which is the reference: the same forward pass
+    # on the same samples, so exactly 0.
+    assert summary["eval_kl_initial"] == 0.0
+    assert np.isfinite(summary["eval_kl"]) and np.isfinite(summary["eval_gold_reward"])
+
+    # An uninterrupted run ends with the same policy, metrics and evaluations, bit for
+    # bit: the restored state equals the saved one, and the same compiled pieces see
+    # the same batches, keys and oracle labels (XLA on CPU is deterministic).
+    whole = nash_md.run(config, str(tmp_path / "whole"))
+    assert not whole["resumed"] and whole["start_step"] == 0
+    assert summary["evaluations"] == whole["evaluations"]
+    assert records == read_jsonl(tmp_path / "whole" / JSONL_NAME)
+    _, like = split_model(
+        Decoder(common.model_config(config, common.build_tokenizer(config)), rngs=nnx.Rngs(1))
+    )
+    chex.assert_trees_all_equal(
+        common.import_params(str(tmp_path / "cut"), "policy", like),
+        common.import_params(str(tmp_path / "whole"), "policy", like),
+    )
 
 
 def test_reward_model_preference_requires_reward_from(tmp_path):
