@@ -91,7 +91,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = TrainState.create(params, tx, rng=config.seed, extra=extra)
     models = SafeRLHFModels(policy_graphdef, reward_graphdef, reward_graphdef, cost_graphdef)
     scorers = {"reward": (reward_graphdef, reward_params), "cost": (cost_graphdef, cost_params)}
-    evaluate = rl.make_evaluator(config, tokenizer, task, policy_graphdef, scorers)
+    evaluate = rl.make_evaluator(
+        config, tokenizer, task, policy_graphdef, scorers, reference_params=policy_params
+    )
     state, run_summary, history, evaluations = rl.train_with_evaluations(
         make_safe_rlhf_step(models, tx, safe_config),
         state,

@@ -53,6 +53,8 @@ def test_safe_rlhf_multiplier_tracks_the_constraint(offline, tmp_path):
     assert summary["steps"] == 4
     for key in ("eval_gold_reward", "eval_gold_cost", "eval_reward_score", "eval_cost_score"):
         assert np.isfinite(summary[key])
+    # The policy starts as the reference: the k1 KL estimate is exactly 0 before training.
+    assert summary["eval_kl_initial"] == 0.0 and np.isfinite(summary["eval_kl"])
     assert (tmp_path / "policy").is_dir()
 
 
