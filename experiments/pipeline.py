@@ -143,32 +143,25 @@ def stage_metrics(workdir: str, stages: tuple[str, ...]) -> dict[str, list[dict[
     return found
 
 
-def overoptimisation_records(
-    summary: Mapping[str, Any], records: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """PPO's held-out evaluations, each with the policy's KL to the reference at that step.
+def overoptimisation_records(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """PPO's held-out evaluations over training: KL to the reference, proxy and gold reward.
 
-    The PPO run evaluates its policy every ``eval_every`` steps on held-out prompts (gold
-    reward ``eval_gold_reward``, reward-model score ``eval_reward_score``); the KL is the
-    mean sequence KL of the training rollout of the same step (``kl`` in
-    ``metrics.jsonl``), and 0 at step 0, where the policy is the reference.
+    The PPO run evaluates its policy every ``eval_every`` steps on held-out prompts; each
+    evaluation samples the replies once and reports, on those same replies, the k1
+    estimate of KL(π‖π_SFT) (``eval_kl``), the reward-model score (``eval_reward_score``)
+    and the gold reward (``eval_gold_reward``), so the three coordinates of a point are
+    measured together.
     """
-    steps = {record["step"]: record for record in records if "kl" in record}
-    joined = []
-    for point in summary.get("evaluations", []):
-        step = point["step"]
-        if step and not steps:
-            continue
-        nearest = min(steps, key=lambda s: abs(s - step)) if step else None
-        joined.append(
-            {
-                "step": step,
-                "kl": steps[nearest]["kl"] if step else 0.0,
-                "reward_score": point.get("eval_reward_score"),
-                "gold_reward": point.get("eval_gold_reward"),
-            }
-        )
-    return joined
+    return [
+        {
+            "step": point["step"],
+            "kl": point["eval_kl"],
+            "reward_score": point.get("eval_reward_score"),
+            "gold_reward": point.get("eval_gold_reward"),
+        }
+        for point in summary.get("evaluations", [])
+        if "eval_kl" in point
+    ]
 
 
 def evaluate(
@@ -246,7 +239,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         stage_metrics=metrics,
         stage_curves=STAGE_CURVES,
         overoptimisation_records=overoptimisation_records(
-            stage_results.get("ppo", {}).get("summary", {}), metrics.get("ppo", [])
+            stage_results.get("ppo", {}).get("summary", {})
         ),
         reference=REFERENCE,
         reward_model_accuracy=rm_summary.get("heldout_accuracy"),

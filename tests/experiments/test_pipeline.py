@@ -71,19 +71,16 @@ def test_running_again_skips_the_finished_stages(finished, capsys):
     assert second["evaluations"][0]["num_samples"] == 2
 
 
-def test_overoptimisation_points_take_the_kl_of_the_nearest_training_step():
+def test_overoptimisation_points_are_the_heldout_evaluations():
     pipeline = load("experiments/pipeline.py")
     summary = {
         "evaluations": [
-            {"step": 0, "eval_reward_score": 0.1, "eval_gold_reward": 2.0},
-            {"step": 20, "eval_reward_score": 0.9, "eval_gold_reward": 2.4},
+            {"step": 0, "eval_kl": 0.0, "eval_reward_score": 0.1, "eval_gold_reward": 2.0},
+            {"step": 20, "eval_kl": 3.5, "eval_reward_score": 0.9, "eval_gold_reward": 2.4},
         ]
     }
-    records = [{"step": s, "kl": 0.5 * s, "loss": 1.0} for s in (10, 19, 30)]
-    points = pipeline.overoptimisation_records(summary, records)
-    # Step 0 is the reference itself (KL 0); step 20's nearest logged training step is 19.
-    assert points == [
+    assert pipeline.overoptimisation_records(summary) == [
         {"step": 0, "kl": 0.0, "reward_score": 0.1, "gold_reward": 2.0},
-        {"step": 20, "kl": 9.5, "reward_score": 0.9, "gold_reward": 2.4},
+        {"step": 20, "kl": 3.5, "reward_score": 0.9, "gold_reward": 2.4},
     ]
-    assert pipeline.overoptimisation_records({}, records) == []
+    assert pipeline.overoptimisation_records({}) == []
