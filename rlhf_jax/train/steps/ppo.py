@@ -26,6 +26,12 @@ the rollout), not the sampler's tempered or filtered one. The
 frozen models live in ``state.extra`` (``reference_params``, ``reward_params``) beside the
 KL coefficient ``kl_coef``, so the step is a pure function of its arguments and compiles
 once.
+
+The iteration is assembled from pieces that other online steps reuse:
+:func:`sample_rollout` (steps 1–2), :func:`token_rewards`, :func:`rollout_data` (the
+arrays of the update epochs) and :func:`finish_iteration` (step 6 and the metrics); the
+MA-RLHF and fine-grained RLHF steps replace the advantages, the loss or the rewards in
+between.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from rlhf_jax.models.logprobs import response_logprobs
 from rlhf_jax.objectives.advantages import gae_advantages
 from rlhf_jax.objectives.kl import kl_estimate, kl_penalised_rewards
 from rlhf_jax.objectives.kl_control import KLControllerState, adaptive_kl_update
-from rlhf_jax.sampling import SamplingConfig
+from rlhf_jax.sampling import SampleOutput, SamplingConfig
 from rlhf_jax.train.state import Metrics, PyTree, TrainState
 from rlhf_jax.train.steps.common import StepFn
 from rlhf_jax.train.steps.rollout import (
@@ -188,6 +194,130 @@ def token_rewards(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """One rollout of the policy and what the update needs from it (all constants).
+
+    Attributes:
+      output: the sampler's output (``tokens``, ``attention_mask``, ``response_mask``).
+      old_logprobs: ``[B, L]`` per-token log-probs of the sampling policy (temperature 1).
+      ref_logprobs: ``[B, L]`` per-token log-probs of the frozen reference.
+      old_values: ``[B, L]`` the critic's values aligned with the tokens.
+      scores: ``[B]`` reward-model scores at the last real token.
+    """
+
+    output: SampleOutput
+    old_logprobs: Array
+    ref_logprobs: Array
+    old_values: Array
+    scores: Array
+
+
+def sample_rollout(
+    models: PPOModels,
+    forward: ActorCriticFn,
+    state: TrainState,
+    prompts: Mapping[str, Array],
+    rng: Array,
+    *,
+    sampling: SamplingConfig,
+) -> Rollout:
+    """Steps 1–2 of the iteration: sample ``y ~ π_θ``, score it, and evaluate π_old, π_ref, V.
+
+    Args:
+      models: the graph definitions.
+      forward: :func:`actor_critic_forward` of ``models``.
+      state: the training state (policy and critic in ``params``, frozen models in
+        ``extra``).
+      prompts: left-padded ``input_ids`` and ``attention_mask`` ``[B, P]``.
+      rng: key of the sampler.
+      sampling: the sampler's settings.
+
+    Returns:
+      The :class:`Rollout`.
+    """
+    output = generate(
+        models.policy,
+        state.params["policy"],
+        {k: prompts[k] for k in PROMPT_KEYS},
+        rng,
+        sampling=sampling,
+    )
+    tokens, attention_mask, mask = output.tokens, output.attention_mask, output.response_mask
+    logits, scalars = forward(jax.lax.stop_gradient(state.params), tokens, attention_mask)
+    old_logprobs, _ = response_logprobs(logits, tokens, mask)
+    return Rollout(
+        output=output,
+        old_logprobs=old_logprobs,
+        ref_logprobs=frozen_token_logprobs(
+            models.policy, state.extra["reference_params"], tokens, attention_mask, mask
+        ),
+        old_values=state_values(scalars["reward"], mask),
+        scores=sequence_scores(models.reward, state.extra["reward_params"], tokens, attention_mask),
+    )
+
+
+def rollout_data(rollout: Rollout, advantages: Array, returns: Array) -> dict[str, Array]:
+    """The arrays the PPO epochs iterate over (the keys of :func:`actor_critic_sum_loss`)."""
+    output = rollout.output
+    return {
+        "tokens": output.tokens,
+        "attention_mask": output.attention_mask,
+        "response_mask": output.response_mask,
+        "old_logprobs": rollout.old_logprobs,
+        "ref_logprobs": rollout.ref_logprobs,
+        "advantages": advantages,
+        "reward_old_values": rollout.old_values,
+        "reward_returns": returns,
+    }
+
+
+def finish_iteration(
+    state: TrainState,
+    metrics: Metrics,
+    rollout: Rollout,
+    rewards: Array,
+    config: PPOConfig,
+) -> tuple[TrainState, Metrics]:
+    """Step 6 and the metrics: move β by the adaptive controller on the rollout's KL.
+
+    Args:
+      state: the state after the update epochs.
+      metrics: the update's metrics.
+      rollout: the iteration's rollout.
+      rewards: ``[B, L]`` per-token rewards of the rollout.
+      config: static settings.
+
+    Returns:
+      The state with the next β in ``extra["kl_coef"]`` and the iteration's metrics.
+    """
+    mask = rollout.output.response_mask
+    kl_coef = state.extra["kl_coef"]
+    per_token_kl = kl_estimate(
+        rollout.old_logprobs, rollout.ref_logprobs, estimator=config.update.kl_estimator
+    )
+    mean_kl = jnp.mean(jnp.sum(per_token_kl * mask, axis=1))
+    new_extra = {
+        **state.extra,
+        "kl_coef": update_kl_coef(
+            kl_coef,
+            mean_kl,
+            target=config.kl_target,
+            horizon=config.kl_horizon,
+            batch_size=mask.shape[0],
+        ),
+    }
+    metrics = {
+        **metrics,
+        **rollout_metrics(rollout.output, config.sampling.eos_id),
+        "reward_score": jnp.mean(rollout.scores),
+        "kl": mean_kl,
+        "kl_coef": kl_coef,
+        "non_score_reward": jnp.mean(jnp.sum(rewards, axis=1) - rollout.scores),
+    }
+    return state.replace(extra=new_extra), metrics
+
+
 def make_ppo_step(models: PPOModels, tx: optax.GradientTransformation, config: PPOConfig) -> StepFn:
     """The pure PPO iteration ``step(state, prompts, rng) -> (state, metrics)``.
 
@@ -211,62 +341,22 @@ def make_ppo_step(models: PPOModels, tx: optax.GradientTransformation, config: P
         state: TrainState, prompts: Mapping[str, Array], rng: Array
     ) -> tuple[TrainState, Metrics]:
         sample_key, update_key = jax.random.split(rng)
-        output = generate(
-            models.policy,
-            state.params["policy"],
-            {k: prompts[k] for k in PROMPT_KEYS},
-            sample_key,
-            sampling=config.sampling,
+        rollout = sample_rollout(
+            models, forward, state, prompts, sample_key, sampling=config.sampling
         )
-        tokens, attention_mask, mask = output.tokens, output.attention_mask, output.response_mask
-        extra = state.extra
-        logits, scalars = forward(jax.lax.stop_gradient(state.params), tokens, attention_mask)
-        old_logprobs, _ = response_logprobs(logits, tokens, mask)
-        old_values = state_values(scalars["reward"], mask)
-        ref_logprobs = frozen_token_logprobs(
-            models.policy, extra["reference_params"], tokens, attention_mask, mask
+        mask = rollout.output.response_mask
+        kl_coef = state.extra["kl_coef"]
+        rewards = token_rewards(
+            rollout.scores, rollout.old_logprobs, rollout.ref_logprobs, mask, kl_coef, update
         )
-        scores = sequence_scores(models.reward, extra["reward_params"], tokens, attention_mask)
-        kl_coef = extra["kl_coef"]
-        rewards = token_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, update)
         advantages, returns = gae_advantages(
-            rewards, old_values, mask, gamma=update.gamma, lam=update.lam
+            rewards, rollout.old_values, mask, gamma=update.gamma, lam=update.lam
         )
         if update.whiten_advantages:
             advantages = whiten(advantages, mask)
-        data = {
-            "tokens": tokens,
-            "attention_mask": attention_mask,
-            "response_mask": mask,
-            "old_logprobs": old_logprobs,
-            "ref_logprobs": ref_logprobs,
-            "advantages": advantages,
-            "reward_old_values": old_values,
-            "reward_returns": returns,
-        }
         loss_fn = actor_critic_sum_loss(forward, ("reward",), update, kl_coef)
+        data = rollout_data(rollout, advantages, returns)
         state, metrics = ppo_epochs(loss_fn, tx, state, data, update_key, config=update)
-        per_token_kl = kl_estimate(old_logprobs, ref_logprobs, estimator=update.kl_estimator)
-        sequence_kl = jnp.sum(per_token_kl * mask, axis=1)
-        mean_kl = jnp.mean(sequence_kl)
-        new_extra = {
-            **extra,
-            "kl_coef": update_kl_coef(
-                kl_coef,
-                mean_kl,
-                target=config.kl_target,
-                horizon=config.kl_horizon,
-                batch_size=tokens.shape[0],
-            ),
-        }
-        metrics = {
-            **metrics,
-            **rollout_metrics(output, config.sampling.eos_id),
-            "reward_score": jnp.mean(scores),
-            "kl": mean_kl,
-            "kl_coef": kl_coef,
-            "non_score_reward": jnp.mean(jnp.sum(rewards, axis=1) - scores),
-        }
-        return state.replace(extra=new_extra), metrics
+        return finish_iteration(state, metrics, rollout, rewards, config)
 
     return step

@@ -36,12 +36,13 @@ from flax import nnx
 from jax import Array
 
 from rlhf_jax.models.logprobs import response_logprobs
-from rlhf_jax.objectives.kl import Estimator, kl_loss
+from rlhf_jax.objectives.kl import Estimator, kl_k3
 from rlhf_jax.objectives.ppo import (
     Normalisation,
     entropy_bonus_loss,
     ppo_policy_loss,
     ppo_value_loss,
+    reduce_tokens,
 )
 from rlhf_jax.objectives.reduction import masked_mean
 from rlhf_jax.sampling import SampleOutput, SamplingConfig, sample
@@ -224,7 +225,12 @@ def actor_critic_sum_loss(
             loss = loss + config.entropy_coef * entropy_loss
             metrics["entropy_loss"] = entropy_loss / denominator
         if config.kl_mode == "loss":
-            kl_term, _ = kl_loss(logp, batch["ref_logprobs"], mask, estimator="k3", reduction="sum")
+            kl_term, _ = reduce_tokens(
+                kl_k3(logp, batch["ref_logprobs"]),
+                mask,
+                normalisation=config.normalisation,
+                reduction="sum",
+            )
             loss = loss + kl_coef * kl_term
             metrics["kl_loss"] = kl_term / denominator
         return loss, metrics

@@ -19,6 +19,16 @@ Dai et al. (2023), "Safe RLHF: Safe Reinforcement Learning from Human Feedback",
 5. PPO epochs on the clipped surrogate of the combined advantage plus both critics'
    value losses.
 
+``cost_bound="pessimistic"`` turns the step into the candidate selection of HC-RLHF
+(Chittepu et al., 2025, "Reinforcement Learning from Human Feedback with High-Confidence
+Safety Constraints"): the dual step uses the inflated Student-t upper bound ``U_cand`` of
+the batch's costs (:func:`rlhf_jax.objectives.hc_rlhf.pessimistic_cost_bound`) in place
+of ``Ĵ_C``, and the cost critic learns the per-sample costs
+``c̃ = c + κ (c² − 2 μ c) / (2σ)`` whose policy gradient is that of ``μ + κ σ``
+(:func:`rlhf_jax.objectives.hc_rlhf.pessimistic_cost_per_sample`, κ the bound's total
+width coefficient), so the policy is pushed to lower the spread of its costs as well as
+their mean. The safety test on held-out data is the caller's (it needs fresh samples).
+
 ``state.params = {"policy", "reward_value", "cost_value"}`` (a decoder and two
 :class:`rlhf_jax.models.ScalarModel` critics, as in the paper); ``state.extra`` holds the
 frozen ``reference_params``, ``reward_params``, ``cost_params``, the KL coefficient
@@ -33,6 +43,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -41,6 +52,11 @@ from jax import Array
 
 from rlhf_jax.models.logprobs import response_logprobs
 from rlhf_jax.objectives.advantages import gae_advantages
+from rlhf_jax.objectives.hc_rlhf import (
+    pessimistic_cost_bound,
+    pessimistic_cost_per_sample,
+    student_t_upper_quantile,
+)
 from rlhf_jax.objectives.kl import kl_estimate, kl_penalised_rewards
 from rlhf_jax.objectives.safe_rlhf import (
     lagrange_multiplier_update,
@@ -65,6 +81,7 @@ from rlhf_jax.train.steps.rollout import (
 )
 
 CRITICS = ("reward", "cost")
+COST_BOUNDS = ("mean", "pessimistic")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,6 +98,12 @@ class SafeRLHFConfig:
       normalise_advantages: divide the combined advantage by ``1 + λ`` (§3.3).
       kl_target: target sequence KL of the adaptive KL controller; ``None`` keeps β fixed.
       kl_horizon: horizon of the adaptive KL controller.
+      cost_bound: ``"mean"`` (Safe-RLHF: the batch's mean cost) or ``"pessimistic"``
+        (HC-RLHF: the inflated upper confidence bound, see the module docstring).
+      bound_delta: δ of the pessimistic bound.
+      safety_size: n_s, the number of held-out safety samples the bound anticipates.
+      candidate_coef: κ_c, weight of the batch's own confidence width.
+      safety_coef: κ_s, weight of the predicted safety-test width.
     """
 
     sampling: SamplingConfig
@@ -93,6 +116,27 @@ class SafeRLHFConfig:
     normalise_advantages: bool = True
     kl_target: float | None = None
     kl_horizon: float = 10000.0
+    cost_bound: str = "mean"
+    bound_delta: float = 0.1
+    safety_size: int = 0
+    candidate_coef: float = 0.0
+    safety_coef: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.cost_bound not in COST_BOUNDS:
+            raise ValueError(
+                f"SafeRLHFConfig.cost_bound must be one of {COST_BOUNDS}, got {self.cost_bound!r}"
+            )
+        if self.cost_bound == "pessimistic":
+            if self.safety_size < 2:
+                raise ValueError(
+                    "SafeRLHFConfig.safety_size must be >= 2 with cost_bound='pessimistic', "
+                    f"got {self.safety_size}"
+                )
+            if not 0.0 < self.bound_delta < 0.5:
+                raise ValueError(
+                    f"SafeRLHFConfig.bound_delta must lie in (0, 0.5), got {self.bound_delta}"
+                )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +195,45 @@ def updated_multiplier(stored: Array, episode_cost: Array, config: SafeRLHFConfi
     return update(
         stored, episode_cost, threshold=config.cost_threshold, learning_rate=config.multiplier_lr
     )
+
+
+def constraint_costs(cost_scores: Array, config: SafeRLHFConfig) -> tuple[Array, Array]:
+    """The cost the dual step compares with d, and the per-sample costs the critic learns.
+
+    ``"mean"``: ``(mean_b C_b, C)``. ``"pessimistic"``: ``(U_cand, c̃)`` with
+    ``U_cand = ĉ + s (κ_c t_{1−δ, n−1}/√n + κ_s t_{1−δ, n_s−1}/√n_s)`` over the ``n``
+    rollout costs and ``c̃`` the per-sample costs of
+    :func:`rlhf_jax.objectives.hc_rlhf.pessimistic_cost_per_sample` with that width
+    coefficient (Chittepu et al., 2025).
+
+    Args:
+      cost_scores: ``[B]`` cost-model scores of the rollout.
+      config: gives ``cost_bound`` and the bound's settings.
+
+    Returns:
+      ``(bound, per_sample_costs)``: a scalar and ``[B]``.
+    """
+    chex.assert_rank(cost_scores, 1)
+    if config.cost_bound == "mean":
+        return jnp.mean(cost_scores), cost_scores
+    bound = pessimistic_cost_bound(
+        cost_scores,
+        delta=config.bound_delta,
+        safety_size=config.safety_size,
+        candidate_coef=config.candidate_coef,
+        safety_coef=config.safety_coef,
+    )
+    width = (
+        config.safety_coef
+        * student_t_upper_quantile(config.bound_delta, config.safety_size - 1.0)
+        / math.sqrt(config.safety_size)
+    )
+    count = cost_scores.shape[0]
+    if config.candidate_coef:
+        width = width + config.candidate_coef * student_t_upper_quantile(
+            config.bound_delta, count - 1.0
+        ) / math.sqrt(count)
+    return bound, pessimistic_cost_per_sample(cost_scores, coef=width)
 
 
 def token_rewards_and_costs(
@@ -214,7 +297,8 @@ def make_safe_rlhf_step(
 
     Returns:
       The step. ``prompts`` holds left-padded ``input_ids`` and ``attention_mask``.
-      Metrics: ``reward_score``, ``cost_score`` (the episode cost Ĵ_C), ``lambda`` (λ used
+      Metrics: ``reward_score``, ``cost_score`` (the episode cost Ĵ_C), ``cost_bound``
+      (the cost of the dual step: Ĵ_C, or U_cand when pessimistic), ``lambda`` (λ used
       for this rollout, after its update), ``kl``, ``kl_coef``, ``response_length``,
       ``eos_fraction``, the loss terms, ``loss``, ``grad_norm``, ``nonfinite``.
     """
@@ -244,13 +328,13 @@ def make_safe_rlhf_step(
             models.reward, extra["reward_params"], tokens, attention_mask
         )
         cost_scores = sequence_scores(models.cost, extra["cost_params"], tokens, attention_mask)
-        episode_cost = jnp.mean(cost_scores)
-        stored = updated_multiplier(extra[key], episode_cost, config)
+        bound, per_sample_costs = constraint_costs(cost_scores, config)
+        stored = updated_multiplier(extra[key], bound, config)
         multiplier = jnp.exp(stored) if config.log_multiplier else stored
 
         kl_coef = extra["kl_coef"]
         per_token = token_rewards_and_costs(
-            reward_scores, cost_scores, old_logprobs, ref_logprobs, mask, kl_coef, update
+            reward_scores, per_sample_costs, old_logprobs, ref_logprobs, mask, kl_coef, update
         )
         data = {
             "tokens": tokens,
@@ -293,7 +377,8 @@ def make_safe_rlhf_step(
             **metrics,
             **rollout_metrics(output, config.sampling.eos_id),
             "reward_score": jnp.mean(reward_scores),
-            "cost_score": episode_cost,
+            "cost_score": jnp.mean(cost_scores),
+            "cost_bound": bound,
             "lambda": multiplier,
             "kl": mean_kl,
             "kl_coef": kl_coef,
