@@ -8,6 +8,13 @@ final parameters, for later runs), ``model.json`` (the architecture) and
 ``summary.json`` (the printed final summary). A later run starts from an earlier one's
 exported parameters with ``--config.init_from=<its workdir>``; the architecture is then
 read from that workdir's ``model.json``, and ``config.model`` must agree with it.
+
+Every run is sharded over a device mesh (:mod:`rlhf_jax.parallel`): ``config.mesh`` gives
+the sizes of the ``data``, ``fsdp`` and ``tensor`` axes (``-1`` fills the devices the other
+axes leave; the default is pure data parallelism over every device). :func:`train` places
+the state by its logical axes and feeds each process its own rows of every batch, and the
+loop jits the step with those shardings. A multi-host job (``experiments/tpu_pod.sh``,
+``experiments/gpu_host.sh``) is connected by :func:`main` before anything touches a device.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from rlhf_jax.data import task_batches
@@ -34,6 +42,7 @@ from rlhf_jax.data.embedded_task import (
 )
 from rlhf_jax.data.tokenizers import ByteTokenizer, Tokenizer
 from rlhf_jax.models import Decoder, ModelConfig
+from rlhf_jax.parallel import initialize_from_env, make_mesh, mesh_shape, shard_step
 from rlhf_jax.sampling import SamplingConfig, sample
 from rlhf_jax.train import loop
 from rlhf_jax.train.checkpoint import Checkpointer, abstract_state
@@ -45,6 +54,7 @@ from rlhf_jax.train.steps.common import StepFn, make_optimizer, split_model
 MODEL_FILE = "model.json"
 SUMMARY_FILE = "summary.json"
 MODEL_KEYS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "mlp_hidden_size")
+MESH_KEYS = ("data", "fsdp", "tensor")
 
 BASE_SCHEMA: Schema = {
     "seed": Field(int, minimum=0),
@@ -84,6 +94,7 @@ BASE_SCHEMA: Schema = {
     "num_steps": Field(int, minimum=1),
     "log_every": Field(int, minimum=1),
     "checkpoint_every": Field(int, minimum=1),
+    "mesh": {axis: Field(int, minimum=-1) for axis in MESH_KEYS},
 }
 
 
@@ -116,6 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.num_steps = 150
     config.log_every = 10
     config.checkpoint_every = 100
+    # Device mesh axis sizes; -1 fills the devices the other axes leave.
+    config.mesh = {"data": -1, "fsdp": 1, "tensor": 1}
     return config
 
 
@@ -124,9 +137,11 @@ def validate(config: ml_collections.ConfigDict, schema: Schema) -> None:
 
     Raises:
       ConfigError: naming each wrong key; also when ``num_micro_batches`` does not divide
-        ``batch_size``, or ``model.num_heads`` is not a multiple of ``model.num_kv_heads``.
+        ``batch_size``, ``model.num_heads`` is not a multiple of ``model.num_kv_heads``,
+        or ``mesh`` does not fit the devices.
     """
     validate_config(config, {**BASE_SCHEMA, **schema})
+    mesh_sizes(config)
     if config.batch_size % config.num_micro_batches:
         raise ConfigError(
             f"config.num_micro_batches={config.num_micro_batches} must divide "
@@ -222,24 +237,102 @@ def build_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfor
     return make_optimizer(num_steps=config.num_steps, **config.optimizer.to_dict())
 
 
+def mesh_sizes(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """``config.mesh`` resolved against the devices: ``(data, fsdp, tensor)``.
+
+    Raises:
+      ConfigError: naming ``config.mesh`` when the sizes do not fit the device count.
+    """
+    try:
+        return mesh_shape(config.mesh, jax.device_count())
+    except ValueError as error:
+        raise ConfigError(f"config.mesh={config.mesh.to_dict()}: {error}") from error
+
+
+def build_mesh(config: ml_collections.ConfigDict, batch_size: int) -> jax.sharding.Mesh:
+    """The mesh of ``config.mesh`` for batches of ``batch_size`` rows.
+
+    The batch is split over ``data * fsdp`` devices. When ``data`` is ``-1`` and that
+    many devices would not divide the batch, ``data`` shrinks to the largest size that
+    does on a single-process run (the other devices stay idle, with a warning), so a
+    small run also works on a many-device host.
+
+    Raises:
+      ConfigError: the batch is not a multiple of ``data * fsdp`` for explicit sizes
+        (or on several processes); the message names ``config.mesh`` and the size.
+    """
+    data, fsdp, tensor = mesh_sizes(config)
+    if batch_size % (data * fsdp) == 0:
+        return make_mesh((data, fsdp, tensor))
+    shrinkable = config.mesh.data == -1 and jax.process_count() == 1
+    if not shrinkable or batch_size % fsdp:
+        raise ConfigError(
+            f"config.mesh={config.mesh.to_dict()} splits each batch over data * fsdp = "
+            f"{data * fsdp} devices, which does not divide the batch of {batch_size} rows"
+        )
+    fitting = max(d for d in range(1, data + 1) if batch_size % (d * fsdp) == 0)
+    logging.warning(
+        "config.mesh.data=-1: a batch of %d rows cannot be split over %d devices; using "
+        "data=%d, %d of %d devices idle",
+        batch_size,
+        data * fsdp,
+        fitting,
+        (data - fitting) * fsdp * tensor,
+        jax.device_count(),
+    )
+    return make_mesh((fitting, fsdp, tensor), devices=jax.devices()[: fitting * fsdp * tensor])
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacedBatches:
+    """A batch schedule whose batches are global arrays on the step's batch sharding.
+
+    Every process computes the same host batch (the schedule is a function of the step)
+    and transfers only the rows of its own devices.
+    """
+
+    schedule: loop.BatchSchedule
+    place_batch: Callable[[PyTree], PyTree]
+
+    def batch_for_step(self, step: int) -> PyTree:
+        """The schedule's batch of ``step``, placed on the mesh."""
+        return self.place_batch(self.schedule.batch_for_step(step))
+
+
 def train(
     step_fn: StepFn,
     state: TrainState,
     schedule: loop.BatchSchedule,
     config: ml_collections.ConfigDict,
     workdir: str,
+    *,
+    tx: optax.GradientTransformation | None = None,
 ) -> tuple[TrainState, loop.RunSummary, list[dict[str, Any]]]:
-    """Run the loop driver to ``config.num_steps``; returns the state, summary and metrics."""
+    """Run the loop driver to ``config.num_steps`` on the mesh of ``config.mesh``.
+
+    The state is placed by its logical axes (:func:`rlhf_jax.parallel.shard_step`;
+    ``tx`` finds the optimiser state's parameter-shaped parts exactly, without it they
+    are found by structure), each batch is split over ``data * fsdp`` and the loop jits
+    the step with those shardings. The returned state stays on the mesh.
+
+    Returns:
+      The state, the loop's summary and the metrics written.
+    """
+    first_batch = schedule.batch_for_step(0)
+    batch_size = int(np.shape(jax.tree.leaves(first_batch)[0])[0])
+    sharded = shard_step(step_fn, build_mesh(config, batch_size), state, first_batch, tx=tx)
     state, summary = loop.run(
         step_fn,
-        state,
-        schedule,
+        sharded.place_state(state),
+        PlacedBatches(schedule, sharded.place_batch),
         num_steps=config.num_steps,
         workdir=workdir,
         checkpoint_every=config.checkpoint_every,
         log_every=config.log_every,
         config=config,
         progress=sys.stderr.isatty(),
+        state_sharding=sharded.state_sharding,
+        batch_sharding=sharded.batch_sharding,
     )
     return state, summary, read_jsonl(os.path.join(workdir, JSONL_NAME))
 
@@ -295,5 +388,11 @@ def finish(workdir: str, title: str, summary: Mapping[str, Any]) -> dict[str, An
 
 
 def main(run: Callable[[ml_collections.ConfigDict, str], Any]) -> None:
-    """The command line: ``--config=<file> [--config.key=value ...] --workdir=<dir>``."""
+    """The command line: ``--config=<file> [--config.key=value ...] --workdir=<dir>``.
+
+    A multi-host job is connected first (``jax.distributed.initialize`` from the
+    ``RLHF_JAX_*`` environment the launch scripts set, see
+    :mod:`rlhf_jax.parallel.multihost`), before anything touches a device.
+    """
+    initialize_from_env()
     main_from_flags(run)

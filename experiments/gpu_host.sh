@@ -22,13 +22,17 @@
 #                      required when H > 1, default 127.0.0.1:$PORT on one host
 #   --port P           coordinator port on one host (default 12355)
 #   --log-dir D        where per-process logs go (default ./logs)
+#   --mesh D,F,T       device mesh axis sizes (data, fsdp, tensor) over every GPU of the
+#                      job, passed as --config.mesh.data/fsdp/tensor; one size may be -1
+#                      (the rest). Default: the config's (data parallelism over all GPUs)
 #
 # With one host and one process the experiment simply runs (no coordinator). Otherwise
 # each process gets RLHF_JAX_COORDINATOR, RLHF_JAX_NUM_PROCESSES (= H * N),
 # RLHF_JAX_PROCESS_ID (= I * N + i) and RLHF_JAX_LOCAL_DEVICE_IDS, which
 # rlhf_jax.parallel.multihost.initialize_from_env hands to jax.distributed.initialize;
-# the global mesh then spans every GPU of every host. If any process fails, the others
-# of this host are stopped and the script exits non-zero.
+# the global mesh then spans every GPU of every host (experiments/common.py calls
+# initialize_from_env before touching a device). If any process fails, the others of this
+# host are stopped and the script exits non-zero.
 #
 # The GPUs are those in CUDA_VISIBLE_DEVICES when it is set, else every GPU nvidia-smi
 # lists.
@@ -52,6 +56,7 @@ HOST_ID=0
 COORDINATOR=""
 PORT=12355
 LOG_DIR=./logs
+MESH=""
 while [[ $# -gt 0 ]]; do
   case $1 in
     --processes) PROCESSES=${2:?--processes needs a value}; shift 2 ;;
@@ -60,6 +65,7 @@ while [[ $# -gt 0 ]]; do
     --coordinator) COORDINATOR=${2:?--coordinator needs a value}; shift 2 ;;
     --port) PORT=${2:?--port needs a value}; shift 2 ;;
     --log-dir) LOG_DIR=${2:?--log-dir needs a value}; shift 2 ;;
+    --mesh) MESH=${2:?--mesh needs a value}; shift 2 ;;
     -h | --help) usage ;;
     --*) die "unknown option $1" ;;
     *) break ;;
@@ -85,6 +91,16 @@ if ((NUM_HOSTS > 1)); then
   [[ $COORDINATOR == ?*:[0-9]* ]] || die "--coordinator host:port is required with --num-hosts $NUM_HOSTS"
 fi
 COORDINATOR=${COORDINATOR:-127.0.0.1:$PORT}
+MESH_FLAGS=()
+if [[ -n $MESH ]]; then
+  [[ $MESH =~ ^(-1|[1-9][0-9]*),(-1|[1-9][0-9]*),(-1|[1-9][0-9]*)$ ]] \
+    || die "--mesh $MESH must be three sizes D,F,T (positive, or -1 for one of them)"
+  MESH_FLAGS=(
+    "--config.mesh.data=${BASH_REMATCH[1]}"
+    "--config.mesh.fsdp=${BASH_REMATCH[2]}"
+    "--config.mesh.tensor=${BASH_REMATCH[3]}"
+  )
+fi
 
 if [[ -n ${CUDA_VISIBLE_DEVICES:-} ]]; then
   IFS=, read -r -a GPUS <<<"$CUDA_VISIBLE_DEVICES"
@@ -98,7 +114,8 @@ NUM_GPUS=${#GPUS[@]}
   || die "$NUM_GPUS GPUs cannot be split evenly over --processes $PROCESSES"
 PER_PROCESS=$((NUM_GPUS / PROCESSES))
 
-RUN=(python3 "$EXPERIMENT" --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA_FLAGS[@]}")
+RUN=(python3 "$EXPERIMENT" --config="$CONFIG" --workdir="$WORKDIR" "${MESH_FLAGS[@]}"
+  "${EXTRA_FLAGS[@]}")
 
 if ((NUM_HOSTS == 1 && PROCESSES == 1)); then
   exec "${RUN[@]}"

@@ -19,15 +19,21 @@
 #   PROJECT       Google Cloud project (passed to gcloud as --project)
 #   JAX_VERSION   jax[tpu] version to install on the workers (default: the version this
 #                 package requires, resolved by pip)
+#   MESH          device mesh axis sizes D,F,T (data, fsdp, tensor) over every chip of
+#                 the slice, passed as --config.mesh.data/fsdp/tensor; one size may be
+#                 -1 (the rest), e.g. MESH=1,-1,4. Default: the config's (data
+#                 parallelism over all chips)
 #
 # What it does:
 #   1. packs the repository (tracked and untracked, not ignored, files) into a tarball;
 #   2. copies it to every worker (gcloud compute tpus tpu-vm scp --worker=all);
 #   3. on every worker at once (gcloud compute tpus tpu-vm ssh --worker=all --command):
 #      unpacks it into ~/rlhf_jax, installs jax[tpu] and the package with pip, and runs
-#      the experiment with --config and --workdir and RLHF_JAX_AUTO_DETECT=1, so that
-#      rlhf_jax.parallel.multihost.initialize_from_env lets JAX discover the pod's
-#      workers (jax.distributed.initialize with no arguments on Cloud TPU).
+#      the experiment with --config, --workdir, the mesh flags and
+#      RLHF_JAX_AUTO_DETECT=1, so that rlhf_jax.parallel.multihost.initialize_from_env
+#      (called by experiments/common.py before anything touches a device) lets JAX
+#      discover the pod's workers (jax.distributed.initialize with no arguments on
+#      Cloud TPU).
 #   Every worker runs the same command; the global mesh spans all their chips. Output of
 #   all workers streams back here; the command fails if any worker fails.
 set -euo pipefail
@@ -58,6 +64,17 @@ command -v gcloud >/dev/null || { echo "error: gcloud is not on PATH" >&2; exit 
 [[ $WORKDIR == gs://?* ]] \
   || { echo "error: WORKDIR $WORKDIR must be a gs:// path shared by all workers" >&2; exit 2; }
 
+MESH_FLAGS=()
+if [[ -n ${MESH:-} ]]; then
+  [[ $MESH =~ ^(-1|[1-9][0-9]*),(-1|[1-9][0-9]*),(-1|[1-9][0-9]*)$ ]] \
+    || { echo "error: MESH=$MESH must be three sizes D,F,T (positive, or -1 for one)" >&2; exit 2; }
+  MESH_FLAGS=(
+    "--config.mesh.data=${BASH_REMATCH[1]}"
+    "--config.mesh.fsdp=${BASH_REMATCH[2]}"
+    "--config.mesh.tensor=${BASH_REMATCH[3]}"
+  )
+fi
+
 GCLOUD_FLAGS=(--zone="$ZONE")
 [[ -n ${PROJECT:-} ]] && GCLOUD_FLAGS+=(--project="$PROJECT")
 
@@ -73,7 +90,8 @@ gcloud compute tpus tpu-vm scp "$TARBALL" "$TPU_NAME":rlhf_jax.tar.gz \
   --worker=all "${GCLOUD_FLAGS[@]}"
 
 JAX_REQUIREMENT="jax[tpu]${JAX_VERSION:+==$JAX_VERSION}"
-RUN=(python3 "$EXPERIMENT" --config="$CONFIG" --workdir="$WORKDIR" "${EXTRA_FLAGS[@]}")
+RUN=(python3 "$EXPERIMENT" --config="$CONFIG" --workdir="$WORKDIR" "${MESH_FLAGS[@]}"
+  "${EXTRA_FLAGS[@]}")
 REMOTE_COMMAND="set -eu
 rm -rf ~/rlhf_jax && mkdir -p ~/rlhf_jax && tar -xzf ~/rlhf_jax.tar.gz -C ~/rlhf_jax
 cd ~/rlhf_jax

@@ -28,6 +28,11 @@ Public API:
   ``initialize_from_env(config, environ)``;
   ``process_rows(global_batch_size, mesh, spec)``; ``local_rows(global_batch, mesh, spec)``;
   ``make_global_array(local_batch, mesh, spec)``.
+``steps`` (any pure step or the sampler over a mesh; the step builders take no mesh)
+  ``state_shardings(state, tx, mesh, rules, extra_rules)``; ``place(tree, shardings)``;
+  ``place_batch(batch, mesh)``; ``ShardedStep``;
+  ``shard_step(step_fn, mesh, state, example_batch, *, tx, rules, extra_rules)``;
+  ``sharded_sampler(graphdef, config, mesh, params_shardings)``.
 """
 
 from rlhf_jax.parallel.mesh import MESH_AXES, device_grid, make_mesh, mesh_shape
@@ -59,6 +64,14 @@ from rlhf_jax.parallel.sharding import (
     replicated,
     shard_params,
 )
+from rlhf_jax.parallel.steps import (
+    ShardedStep,
+    place,
+    place_batch,
+    shard_step,
+    sharded_sampler,
+    state_shardings,
+)
 
 __all__ = [
     "BATCH_AXES",
@@ -67,6 +80,7 @@ __all__ = [
     "DistributedSettings",
     "DroppedAxis",
     "LogicalRules",
+    "ShardedStep",
     "abstract_arrays",
     "batch_shardings",
     "batch_spec",
@@ -83,8 +97,13 @@ __all__ = [
     "mesh_shape",
     "optimizer_state_shardings",
     "param_shardings",
+    "place",
+    "place_batch",
     "process_rows",
     "replicated",
     "resolve_spec",
     "shard_params",
+    "shard_step",
+    "sharded_sampler",
+    "state_shardings",
 ]

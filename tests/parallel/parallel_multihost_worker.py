@@ -2,7 +2,10 @@
 
 Usage: python parallel_multihost_worker.py OUTPUT_JSON
 The RLHF_JAX_* environment variables say which process this is; XLA_FLAGS gives it 4 CPU
-devices. Process 0 writes the losses, a parameter checksum and each process's row slice.
+devices. Both processes run the project's real SFT step (make_sft_step on a tiny Decoder)
+on one global (2, 2, 2) mesh, each feeding only its own rows of every batch. Process 0
+writes the losses and each process's row slice (JSON) and the gathered parameters (an
+.npz file beside it, leaves in tree order).
 """
 
 import json
@@ -10,11 +13,10 @@ import sys
 
 import jax
 import numpy as np
-import parallel_tiny_lm as tiny
-from flax import nnx
+import parallel_real_steps as real
 from jax.experimental import multihost_utils
 
-from rlhf_jax.parallel import multihost, sharding
+from rlhf_jax.parallel import multihost
 from rlhf_jax.parallel.mesh import make_mesh
 
 NUM_STEPS = 3
@@ -26,54 +28,33 @@ def main(output_path):
     assert jax.device_count() == 8 and jax.local_device_count() == 4
     mesh = make_mesh((2, 2, 2))
 
-    graphdef, params = nnx.split(tiny.make_model(), nnx.Param)
-    tx = tiny.make_tx()
-    param_shardings = sharding.param_shardings(params, mesh)
-    opt_shardings = sharding.optimizer_state_shardings(tx, params, param_shardings)
-    # Every process holds the same host values; device_put places each one's shards.
-    host_params = jax.tree.map(np.asarray, params)
-    host_opt_state = jax.tree.map(np.asarray, tx.init(params))
-    state = jax.device_put((host_params, host_opt_state), (param_shardings, opt_shardings))
-    batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec())
-    step = sharding.jit_sharded(
-        tiny.make_train_step(graphdef, tx),
-        mesh,
-        in_shardings=((param_shardings, opt_shardings), batch_sharding),
-        out_shardings=((param_shardings, opt_shardings), sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-
+    # Every process builds the same seeded state; place_state keeps its own shards.
+    step = real.CompiledStep("sft", mesh)
+    state = step.initial_state()
     losses = []
     rows = None
-    for global_tokens in tiny.make_tokens(NUM_STEPS):
-        local_tokens = multihost.local_rows(global_tokens, mesh)
-        rows = multihost.process_rows(len(global_tokens), mesh)
-        tokens = multihost.make_global_array(local_tokens, mesh)
-        state, loss = step(state, tokens)
-        losses.append(float(loss))
+    for index in range(NUM_STEPS):
+        global_batch = real.sft_batch(index)
+        rows = multihost.process_rows(real.BATCH, mesh)
+        state, metrics = step(state, global_batch, real.step_key(index))
+        losses.append(float(metrics["loss"]))
 
     # On a tensor-parallel-only mesh the batch is not split across processes: each
     # process feeds every row and the global array keeps the global batch size.
     tensor_mesh = make_mesh((1, 1, 8))
-    global_tokens = tiny.make_tokens(1)[0]
-    assert multihost.process_rows(len(global_tokens), tensor_mesh) == slice(0, len(global_tokens))
+    tokens = real.sft_batch(0)["input_ids"]
+    assert multihost.process_rows(len(tokens), tensor_mesh) == slice(0, len(tokens))
     replicated_batch = multihost.make_global_array(
-        multihost.local_rows(global_tokens, tensor_mesh), tensor_mesh
+        multihost.local_rows(tokens, tensor_mesh), tensor_mesh
     )
-    assert replicated_batch.shape == global_tokens.shape, replicated_batch.shape
+    assert replicated_batch.shape == tokens.shape, replicated_batch.shape
 
-    gathered = multihost_utils.process_allgather(state[0], tiled=True)
+    gathered = multihost_utils.process_allgather(state.params, tiled=True)
     all_rows = multihost_utils.process_allgather(np.array([rows.start, rows.stop]))
     if jax.process_index() == 0:
+        np.savez(f"{output_path}.npz", *[np.asarray(leaf) for leaf in jax.tree.leaves(gathered)])
         with open(output_path, "w") as f:
-            json.dump(
-                {
-                    "losses": losses,
-                    "checksum": tiny.param_checksum(gathered),
-                    "rows": np.asarray(all_rows).tolist(),
-                },
-                f,
-            )
+            json.dump({"losses": losses, "rows": np.asarray(all_rows).tolist()}, f)
     jax.distributed.shutdown()
 
 

@@ -86,9 +86,3 @@ def make_train_step(graphdef, tx):
         return (optax.apply_updates(params, updates), opt_state), loss
 
     return step
-
-
-def param_checksum(params):
-    """Sum over leaves of sum(|w| * (index+1)): one float that any change perturbs."""
-    leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(params)]
-    return float(sum(np.sum(np.abs(w) * (i + 1)) for i, w in enumerate(leaves)))
