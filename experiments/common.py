@@ -299,6 +299,34 @@ class PlacedBatches:
         return self.place_batch(self.schedule.batch_for_step(step))
 
 
+def place_on_mesh(
+    step_fn: StepFn,
+    state: TrainState,
+    schedule: loop.BatchSchedule,
+    config: ml_collections.ConfigDict,
+    *,
+    tx: optax.GradientTransformation | None = None,
+) -> tuple[TrainState, PlacedBatches, dict[str, PyTree]]:
+    """The state, schedule and loop shardings of a run on the mesh of ``config.mesh``.
+
+    The state is placed by its logical axes (:func:`rlhf_jax.parallel.shard_step`;
+    ``tx`` finds the optimiser state's parameter-shaped parts exactly, without it they
+    are found by structure) and each batch is split over ``data * fsdp``.
+
+    Returns:
+      ``(placed state, placed schedule, {"state_sharding": ..., "batch_sharding": ...})``,
+      the last to be passed to :func:`rlhf_jax.train.loop.run`.
+    """
+    first_batch = schedule.batch_for_step(0)
+    batch_size = int(np.shape(jax.tree.leaves(first_batch)[0])[0])
+    sharded = shard_step(step_fn, build_mesh(config, batch_size), state, first_batch, tx=tx)
+    shardings = {
+        "state_sharding": sharded.state_sharding,
+        "batch_sharding": sharded.batch_sharding,
+    }
+    return sharded.place_state(state), PlacedBatches(schedule, sharded.place_batch), shardings
+
+
 def train(
     step_fn: StepFn,
     state: TrainState,
@@ -310,29 +338,24 @@ def train(
 ) -> tuple[TrainState, loop.RunSummary, list[dict[str, Any]]]:
     """Run the loop driver to ``config.num_steps`` on the mesh of ``config.mesh``.
 
-    The state is placed by its logical axes (:func:`rlhf_jax.parallel.shard_step`;
-    ``tx`` finds the optimiser state's parameter-shaped parts exactly, without it they
-    are found by structure), each batch is split over ``data * fsdp`` and the loop jits
-    the step with those shardings. The returned state stays on the mesh.
+    See :func:`place_on_mesh`; the loop jits the step with those shardings and the
+    returned state stays on the mesh.
 
     Returns:
       The state, the loop's summary and the metrics written.
     """
-    first_batch = schedule.batch_for_step(0)
-    batch_size = int(np.shape(jax.tree.leaves(first_batch)[0])[0])
-    sharded = shard_step(step_fn, build_mesh(config, batch_size), state, first_batch, tx=tx)
+    state, placed, shardings = place_on_mesh(step_fn, state, schedule, config, tx=tx)
     state, summary = loop.run(
         step_fn,
-        sharded.place_state(state),
-        PlacedBatches(schedule, sharded.place_batch),
+        state,
+        placed,
         num_steps=config.num_steps,
         workdir=workdir,
         checkpoint_every=config.checkpoint_every,
         log_every=config.log_every,
         config=config,
         progress=sys.stderr.isatty(),
-        state_sharding=sharded.state_sharding,
-        batch_sharding=sharded.batch_sharding,
+        **shardings,
     )
     return state, summary, read_jsonl(os.path.join(workdir, JSONL_NAME))
 

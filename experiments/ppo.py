@@ -188,6 +188,18 @@ def sequence_log_ratios(
     return log_probs(policy_params) - log_probs(reference_params)
 
 
+def colocate(tree, like):
+    """``tree`` replicated on the mesh that ``like``'s arrays are sharded over, if any.
+
+    A policy trained on a mesh is evaluated with frozen models (scorers, reference) that
+    were loaded onto one device; a jitted call needs all its arguments on one device set.
+    """
+    sharding = jax.tree.leaves(like)[0].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.device_put(tree, jax.sharding.NamedSharding(sharding.mesh, jax.P()))
+    return tree
+
+
 def make_evaluator(config, tokenizer, task, policy_graphdef, scorers, reference_params=None):
     """``evaluate(policy_params) -> metrics`` on the first ``num_eval_prompts`` held-out prompts.
 
@@ -239,6 +251,9 @@ def make_evaluator(config, tokenizer, task, policy_graphdef, scorers, reference_
         return output.tokens, output.response_mask, scores, log_ratios
 
     def evaluate(policy_params) -> dict[str, float]:
+        nonlocal scorer_params, reference_params
+        # The frozen models join the policy's devices (replicated on its mesh, if any).
+        scorer_params, reference_params = colocate((scorer_params, reference_params), policy_params)
         replies, scores, log_ratios = [], {name: [] for name in scorers}, []
         batches = task_batches.sequential_batches(arrays, batch_size=config.eval_batch_size)
         for index, (batch, valid) in enumerate(batches):
@@ -270,13 +285,15 @@ def train_with_evaluations(
     step; the loop saves a checkpoint at the end of each segment and the next segment
     resumes from it (so a killed run also resumes, from its newest checkpoint). Each
     evaluation is labelled with the step the policy has reached; a segment that a
-    restored checkpoint has already passed adds none. ``jit_step=False`` passes a host
+    restored checkpoint has already passed adds none. The run is placed on the mesh of
+    ``config.mesh`` (:func:`experiments.common.place_on_mesh`). ``jit_step=False`` passes a host
     step (see :mod:`rlhf_jax.train.loop`). Returns ``(state, summary, history,
     evaluations)``: the summary of the whole call (its ``start_step`` and ``resumed``
     from the first segment), the metric records, and the evaluations of step 0 (the
     initial policy) and of every segment.
     """
     evaluations = [{"step": 0, **evaluate(policy_params(state))}]
+    state, schedule, shardings = common.place_on_mesh(step, state, schedule, config)
     targets = [*range(config.eval_every, config.num_steps, config.eval_every), config.num_steps]
     first = None
     for target in targets:
@@ -292,6 +309,7 @@ def train_with_evaluations(
             progress=sys.stderr.isatty(),
             progress_keys=("reward_score", "kl"),
             jit_step=jit_step,
+            **shardings,
         )
         if first is None:
             first = summary
