@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -203,9 +204,15 @@ def model_config(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Mod
 
 
 def export_params(workdir: str, name: str, params: PyTree, architecture: ModelConfig) -> None:
-    """Save final parameters under ``workdir/name`` and the architecture in ``model.json``."""
+    """Save final parameters under ``workdir/name`` and the architecture in ``model.json``.
+
+    An earlier export of the same name is replaced: the export is derived from the run's
+    checkpoints, so running a finished run again (which resumes at its last step) writes
+    it anew instead of failing on the existing one.
+    """
     with open(os.path.join(workdir, MODEL_FILE), "w") as f:
         json.dump(dataclasses.asdict(architecture), f, indent=1)
+    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
     checkpointer = Checkpointer(
         os.path.join(workdir, name), save_every=1, max_to_keep=1, async_save=False
     )

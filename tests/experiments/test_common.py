@@ -105,3 +105,15 @@ def test_train_on_an_fsdp_and_tensor_mesh_matches_the_unsharded_loop(tmp_path):
     assert [record["step"] for record in history] == [1, 2]
     for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(plain), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5)
+
+
+def test_exporting_again_replaces_the_earlier_export(tmp_path):
+    architecture = ModelConfig.llama(
+        vocab_size=16, hidden_size=8, num_layers=1, num_heads=2, num_kv_heads=1, mlp_hidden_size=16
+    )
+    _, first = nnx.split(Decoder(architecture, rngs=nnx.Rngs(0)))
+    _, second = nnx.split(Decoder(architecture, rngs=nnx.Rngs(1)))
+    common.export_params(str(tmp_path), "policy", first, architecture)
+    common.export_params(str(tmp_path), "policy", second, architecture)
+    restored = common.import_params(str(tmp_path), "policy", first)
+    jax.tree.map(np.testing.assert_array_equal, restored, second)
