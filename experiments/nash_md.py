@@ -1,7 +1,7 @@
 """Nash-MD (or IPO-MD / online IPO) on the embedded task: self-play against a preference model.
 
 The policy and the reference start from an SFT run (``--config.init_from``). Pairs of
-replies are compared by one of two preference models (``config.preference``):
+replies are compared by one of three preference models (``config.preference``):
 
 - ``"reward_model"``: ``σ(r(y) − r(y'))`` from a reward-model run (``--config.reward_from``),
   computed inside the jitted step, which runs under the loop driver;
@@ -9,9 +9,13 @@ replies are compared by one of two preference models (``config.preference``):
   decoded replies (Munos et al., 2023, motivate Nash-MD by such cyclic preferences). The
   oracle is Python on strings, so the step is a host step (:func:`oracle_step`): a
   jitted sampler, the oracle on the host, a jitted update, run by the loop driver with
-  ``jit_step=False``.
+  ``jit_step=False``;
+- ``"judge"``: an LM judge, ``P(a ≻ b)`` read from the verdict-token probabilities of
+  the policy exported by ``--config.judge_from`` under a judging prompt, symmetrised
+  over both presentation orders (:func:`rlhf_jax.train.steps.judge.make_lm_judge`,
+  generative reward models in the style of RM-R1); a host step like the oracle.
 
-Both modes train through the same path (``ppo.train_with_evaluations``): the same
+All modes train through the same path (``ppo.train_with_evaluations``): the same
 checkpoints, exact resume from the newest one, metrics and evaluations. Evaluations
 report the gold reward, cost and harm rate of held-out replies, the KL to the reference
 (``eval_kl``) and the reward-model score when a reward model is given.
@@ -38,6 +42,7 @@ from rlhf_jax.data.embedded_task import nontransitive_preference
 from rlhf_jax.train.config import ConfigError, Field
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps.common import StepFn, split_model
+from rlhf_jax.train.steps.judge import make_lm_judge
 from rlhf_jax.train.steps.nash_md import (
     NASH_LOSSES,
     NashMDConfig,
@@ -52,7 +57,8 @@ from rlhf_jax.train.steps.nash_md import (
 
 SCHEMA = {
     **rl.ROLLOUT_SCHEMA,
-    "preference": Field(str, choices=("reward_model", "oracle")),
+    "preference": Field(str, choices=("reward_model", "oracle", "judge")),
+    "judge_from": Field(str),
     "loss": Field(str, choices=NASH_LOSSES),
     "mixture_beta": Field(float, minimum=0.0, maximum=1.0),
     "tau": Field(float, minimum=1e-9),
@@ -91,11 +97,28 @@ def oracle_step(
     return step
 
 
+def load_judge(config: ml_collections.ConfigDict, tokenizer) -> Oracle:
+    """The LM judge of the policy exported by the ``config.judge_from`` run.
+
+    Its judging prompts are left-padded to the judge's ``max_position_embeddings``
+    (:func:`rlhf_jax.train.steps.judge.make_lm_judge`).
+    """
+    source = config.copy_and_resolve_references()
+    source.init_from = config.judge_from
+    architecture = common.model_config(source, tokenizer)
+    graphdef, params = split_model(common.build_decoder(source, architecture))
+    return make_lm_judge(
+        graphdef, params, tokenizer, max_length=architecture.max_position_embeddings
+    )
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train with the configured Nash-MD-family loss, evaluate, export; returns the summary."""
     rl.validate_rollout(config, SCHEMA)
     if config.preference == "reward_model" and not config.reward_from:
         raise ConfigError("config.reward_from is required when config.preference='reward_model'")
+    if config.preference == "judge" and not config.judge_from:
+        raise ConfigError("config.judge_from is required when config.preference='judge'")
     tokenizer = common.build_tokenizer(config)
     task = common.build_task(config)
     architecture = common.model_config(config, tokenizer)
@@ -132,11 +155,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if use_rm:
         step = make_nash_md_step(models, tx, nash_config)
     else:
-        oracle = functools.partial(
-            nontransitive_preference,
-            temperature=config.oracle_temperature,
-            cycle_strength=config.oracle_cycle_strength,
-        )
+        if config.preference == "judge":
+            oracle = load_judge(config, tokenizer)
+        else:
+            oracle = functools.partial(
+                nontransitive_preference,
+                temperature=config.oracle_temperature,
+                cycle_strength=config.oracle_cycle_strength,
+            )
         texts = [p.text for p in task.train_prompts]
         step = oracle_step(models, tx, nash_config, texts, tokenizer.decode, oracle)
     state, run_summary, history, evaluations = rl.train_with_evaluations(

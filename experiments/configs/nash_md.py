@@ -3,7 +3,8 @@
 ``python experiments/nash_md.py --config=experiments/configs/nash_md.py
 --workdir=runs/nash --config.init_from=runs/sft`` (add
 ``--config.preference=reward_model --config.reward_from=runs/rm`` for a reward-model
-preference, ``--config.loss=ipo_md`` or ``online_ipo`` for the IPO variants).
+preference, ``--config.preference=judge --config.judge_from=runs/sft`` for an LM judge's
+verdict probabilities, ``--config.loss=ipo_md`` or ``online_ipo`` for the IPO variants).
 """
 
 import ml_collections
@@ -26,6 +27,7 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config.eval_every = 50
     config.num_eval_prompts = 64
     config.preference = "oracle"
+    config.judge_from = ""
     config.loss = "nash_md"
     config.mixture_beta = 0.125
     config.tau = 0.05

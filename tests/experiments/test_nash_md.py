@@ -17,6 +17,7 @@ from rlhf_jax.models import Decoder
 from rlhf_jax.train.config import ConfigError
 from rlhf_jax.train.metrics import JSONL_NAME, read_jsonl
 from rlhf_jax.train.steps.common import split_model
+from rlhf_jax.train.steps.judge import make_lm_judge
 
 
 @pytest.fixture(scope="module")
@@ -98,4 +99,40 @@ def test_reward_model_preference_requires_reward_from(tmp_path):
     config = nash_configs.get_config("tiny")
     config.preference = "reward_model"
     with pytest.raises(ConfigError, match=r"config\.reward_from"):
+        nash_md.run(config, str(tmp_path))
+
+
+def test_lm_judge_preference_labels_every_pair(sft_workdir, tmp_path, monkeypatch):
+    config = nash_configs.get_config("tiny")
+    config.init_from = config.judge_from = str(sft_workdir)
+    config.preference = "judge"
+    config.num_steps = config.eval_every = 1
+    config.batch_size = 4  # host-side judging is two forwards per pair: keep it small
+    calls = []
+
+    def recording_judge(*args, **kwargs):
+        judge = make_lm_judge(*args, **kwargs)
+
+        def record(prompt, a, b):
+            calls.append(judge(prompt, a, b))
+            return calls[-1]
+
+        return record
+
+    monkeypatch.setattr(nash_md, "make_lm_judge", recording_judge)
+    summary = nash_md.run(config, str(tmp_path))
+    assert summary["steps"] == 1
+    # The judge, and nothing else, labels each of the batch_size pairs of every step.
+    assert len(calls) == config.num_steps * config.batch_size
+    records = read_jsonl(tmp_path / JSONL_NAME)
+    for record, labels in zip(records, np.split(np.asarray(calls), config.num_steps), strict=True):
+        assert np.all((labels > 0.0) & (labels < 1.0))
+        # The step's preference metric is the mean of the judge's labels (f32 vs f64).
+        np.testing.assert_allclose(record["preference"], labels.mean(), rtol=1e-5)
+
+
+def test_judge_preference_requires_judge_from(tmp_path):
+    config = nash_configs.get_config("tiny")
+    config.preference = "judge"
+    with pytest.raises(ConfigError, match=r"config\.judge_from"):
         nash_md.run(config, str(tmp_path))
