@@ -175,9 +175,14 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
 class KVCache:
     """Per-layer key/value cache.
 
+    Per (row, key/value head) the cache holds ``Kᵀ`` as a ``[D, S]`` matrix and ``V`` as
+    an ``[S, D]`` one, exactly the right-hand operands of the two batched matmuls
+    ``q Kᵀ`` and ``p V``, so attention reads the cache in place. (A ``[B, S, K, D]``
+    layout made XLA transpose the whole cache of every layer at every decoding step.)
+
     Attributes:
-      keys: one ``[B, S, K, D]`` array per layer, in the compute dtype.
-      values: one ``[B, S, K, D]`` array per layer, in the compute dtype.
+      keys: one ``[B, K, D, S]`` array per layer (transposed keys), in the compute dtype.
+      values: one ``[B, K, S, D]`` array per layer, in the compute dtype.
     """
 
     keys: tuple[Array, ...]
@@ -186,7 +191,7 @@ class KVCache:
     @property
     def max_length(self) -> int:
         """Number of cache slots ``S``."""
-        return self.keys[0].shape[1]
+        return self.values[0].shape[2]
 
 
 class Attention(nnx.Module):
@@ -228,31 +233,41 @@ class Attention(nnx.Module):
           x: ``[B, T, E]`` normed inputs.
           positions: ``[B, T]`` positions (used by RoPE).
           key_mask: ``[B, T, S]`` boolean, true where query t may read key s.
-          cached: ``(keys, values)`` each ``[B, S, K, D]``, or ``None`` (then ``S = T``).
+          cached: ``(keys [B, K, D, S], values [B, K, S, D])``, or ``None`` (then
+            ``S = T``).
           cache_index: slot of the first new token when ``cached`` is given.
 
         Returns:
-          ``([B, T, E], (keys, values))`` with the keys/values that were attended to.
+          ``([B, T, E], (keys [B, K, D, S], values [B, K, S, D]))``: the keys and values
+          that were attended to, in the cache layout.
         """
         config = self.config
         B, T, _ = x.shape
+        K, G, D = config.num_kv_heads, config.num_groups, config.head_dim
         q, k, v = self.query(x), self.key(x), self.value(x)
         if config.position == "rope":
             q = apply_rope(q, positions, config.rope_theta)
             k = apply_rope(k, positions, config.rope_theta)
+        # Into the cache layout (only the new tokens move): Kᵀ [B, K, D, T], V [B, K, T, D].
+        k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
         if cached is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cached[0], k.astype(cached[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(cached[1], v.astype(cached[1].dtype), start)
-        q = q * jnp.asarray(1.0 / math.sqrt(config.head_dim), q.dtype)
-        q = q.reshape(B, T, config.num_kv_heads, config.num_groups, config.head_dim)
-        # [B, K, T, G, S] is dot_general's natural output order (batch, lhs free, rhs free),
-        # so the largest tensor of the layer needs no transpose.
-        scores = jnp.einsum("btkgd,bskd->bktgs", q, k, preferred_element_type=jnp.float32)
+            k = jax.lax.dynamic_update_slice(
+                cached[0], k.astype(cached[0].dtype), (0, 0, 0, cache_index)
+            )
+            v = jax.lax.dynamic_update_slice(
+                cached[1], v.astype(cached[1].dtype), (0, 0, cache_index, 0)
+            )
+        q = q * jnp.asarray(1.0 / math.sqrt(D), q.dtype)
+        # Each key/value head serves the T·G queries of its group: [B, K, T·G, D], so both
+        # products below are plain batched matmuls over (B, K) with no operand transposed.
+        q = q.reshape(B, T, K, G, D).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, D)
+        scores = jnp.einsum("bkqd,bkds->bkqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores.reshape(B, K, T, G, -1)
         scores = jnp.where(key_mask[:, None, :, None, :], scores, _MASKED_SCORE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        context = jnp.einsum("bktgs,bskd->btkgd", probs, v)
-        context = context.reshape(B, T, config.num_heads, config.head_dim)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, T * G, -1)
+        context = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+        context = context.reshape(B, K, T, G, D).transpose(0, 2, 1, 3, 4)
+        context = context.reshape(B, T, config.num_heads, D)
         return self.out(context), (k, v)
 
 
@@ -343,11 +358,12 @@ class Decoder(nnx.Module):
         )
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """A zero cache of ``num_layers`` key and value arrays ``[B, S, K, D]``."""
+        """A zero cache: per layer, keys ``[B, K, D, S]`` and values ``[B, K, S, D]``."""
         config = self.config
-        shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
-        return KVCache(keys=zeros, values=zeros)
+        B, K, S, D = batch_size, config.num_kv_heads, max_length, config.head_dim
+        keys = tuple(jnp.zeros((B, K, D, S), config.dtype) for _ in range(config.num_layers))
+        values = tuple(jnp.zeros((B, K, S, D), config.dtype) for _ in range(config.num_layers))
+        return KVCache(keys=keys, values=values)
 
     def _trunk(
         self,
@@ -450,10 +466,10 @@ class Decoder(nnx.Module):
         causal mask, so each packed sequence is computed exactly as if it were alone
         (with its own positions restarting at 0).
 
-        With a cache (``[B, S, K, D]`` per layer), the new keys/values are written at
-        slots ``cache_index … cache_index + T − 1`` and query t attends to slots
-        ``s ≤ cache_index + t`` whose ``attention_mask[b, s]`` is set (``attention_mask``
-        is then ``[B, S]`` over the slots); ``positions`` must be given.
+        With a cache (keys ``[B, K, D, S]`` and values ``[B, K, S, D]`` per layer), the new
+        keys/values are written at slots ``cache_index … cache_index + T − 1`` and query t
+        attends to slots ``s ≤ cache_index + t`` whose ``attention_mask[b, s]`` is set
+        (``attention_mask`` is then ``[B, S]`` over the slots); ``positions`` must be given.
 
         Args:
           tokens: ``[B, T]`` int32 token ids.

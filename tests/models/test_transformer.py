@@ -117,7 +117,8 @@ def test_cached_decoding_equals_full_forward(family_model):
 
     cache = model.init_cache(B, S)
     assert isinstance(cache, KVCache) and len(cache.keys) == model.config.num_layers
-    assert cache.keys[0].shape == (B, S, model.config.num_kv_heads, model.config.head_dim)
+    K, D = model.config.num_kv_heads, model.config.head_dim
+    assert cache.keys[0].shape == (B, K, D, S) and cache.values[0].shape == (B, K, S, D)
     chunks = [(0, 5), (5, 7), (7, 8), (8, 9), (9, 10)]  # prefill, a 2-token chunk, 1 by 1
     outputs = []
     for start, stop in chunks:
