@@ -1,4 +1,4 @@
-"""DPO (or any loss of ``PAIRWISE_LOSSES``) on the embedded task's helpfulness preferences.
+"""DPO (or any loss of ``PREFERENCE_LOSSES``) on the embedded task's helpfulness preferences.
 
 ``python experiments/dpo.py --config=experiments/configs/dpo.py --workdir=runs/dpo
 --config.init_from=runs/sft`` (the SFT policy is both the start and the reference);
@@ -16,6 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss_name = "dpo"
     config.hyper = {"beta": 0.1}
     config.reference = "in_step"
+    config.prompt_length = 80  # SELM: prompt width when sampling from the reference
+    config.explore_max_new_tokens = 96  # SELM: length of the reference samples
     config.optimizer.learning_rate = 2e-4
     config.batch_size = 8
     config.optimizer.warmup_steps = 10

@@ -2,7 +2,8 @@
 
 ``python experiments/reward_model.py --config=experiments/configs/reward_model.py
 --workdir=runs/rm --config.init_from=runs/sft`` (add ``--config.model_kind=cost`` for the
-cost model).
+cost model). ``reward_loss`` selects a variant (``strength``, ``heron``,
+``binary_feedback``); their settings are the ``strength``, ``heron`` and ``feedback`` keys.
 """
 
 import ml_collections
@@ -18,6 +19,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.margin = 0.0
     config.label_smoothing = 0.0
     config.sign_weight = 1.0
+    config.strength = {
+        "ensemble": "",  # comma-separated workdirs of reward-model runs
+        "flip_threshold": 0.0,
+        "soft_threshold": 0.0,
+        "smoothing": 0.0,
+        "margin_scale": 0.0,
+    }
+    config.heron = {"factors": "harmlessness,relevance,specificity", "margin_scale": 0.1}
+    config.feedback = {"love_threshold": 6.0, "balance_classes": True}
     config.optimizer.learning_rate = 5e-4
     config.batch_size = 8
     config.num_steps = 150

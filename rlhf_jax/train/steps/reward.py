@@ -14,6 +14,16 @@ at the last real token. The losses come from :mod:`rlhf_jax.objectives`:
 - ``"plackett_luce"``: the negative Plackett–Luce log-likelihood of a ranking of K
   responses (Zhu, Jordan & Jiao, 2023, eq. 3) on a batch ``input_ids`` and
   ``attention_mask`` of shape ``[B, K, L]``, each list ordered best first.
+- ``"strength"``: Bradley–Terry with per-pair soft labels p and adaptive margins m,
+  ``L = p ℓ(d − m) + (1 − p) ℓ(−d − m)`` (Wang et al., 2024, "Secrets of RLHF II", §2),
+  reading ``label_probs`` and ``margins`` ``[B]`` from the batch (computed from a
+  reward-model ensemble's preference strength; flipped pairs arrive already swapped).
+- ``"heron"``: Bradley–Terry on labels ``t ∈ {+1, −1, 0}`` of a hierarchical comparison
+  of reward factors (Bukharin et al., HERON), reading ``heron_labels`` ``[B]``;
+  unlabelled pairs (``t = 0``) carry no loss.
+- ``"binary_feedback"``: the class-weighted cross-entropy of P[Love] = σ(s) on both rows
+  of each pair (Han et al., 2025, RLUF), reading the binary ``chosen_feedback`` and
+  ``rejected_feedback`` ``[B]``; its denominator counts responses, not pairs.
 
 The chosen and rejected rows (or the K rows of a list) go through the model in one
 forward pass. Metrics include ``accuracy``: the fraction of pairs the model orders like
@@ -32,8 +42,11 @@ import optax
 from flax import nnx
 from jax import Array
 
+from rlhf_jax.objectives.binary_feedback import weighted_binary_cross_entropy
+from rlhf_jax.objectives.heron import heron_reward_loss
 from rlhf_jax.objectives.listwise import plackett_luce_loss
 from rlhf_jax.objectives.reward_model import bradley_terry_loss, cost_model_loss
+from rlhf_jax.objectives.reward_strength import strength_reward_loss
 from rlhf_jax.train.state import Metrics, PyTree, SumLossFn, TrainState, make_gradient_step
 from rlhf_jax.train.steps.common import (
     Batch,
@@ -45,9 +58,18 @@ from rlhf_jax.train.steps.common import (
     split_pairs,
 )
 
-RewardLoss = Literal["bradley_terry", "cost", "plackett_luce"]
-REWARD_LOSSES = ("bradley_terry", "cost", "plackett_luce")
+RewardLoss = Literal[
+    "bradley_terry", "cost", "plackett_luce", "strength", "heron", "binary_feedback"
+]
+REWARD_LOSSES = ("bradley_terry", "cost", "plackett_luce", "strength", "heron", "binary_feedback")
 SAFETY_FLAGS = ("chosen_is_safe", "rejected_is_safe")
+PAIR_FIELDS: dict[str, tuple[str, ...]] = {
+    "cost": SAFETY_FLAGS,
+    "strength": ("label_probs", "margins"),
+    "heron": ("heron_labels",),
+    "binary_feedback": ("chosen_feedback", "rejected_feedback"),
+}
+"""Per-pair ``[B]`` batch arrays each loss reads besides the two rows."""
 
 
 def pair_scores(graphdef: nnx.GraphDef, params: PyTree, batch: Batch) -> tuple[Array, Array]:
@@ -74,17 +96,21 @@ def reward_objective(
     margin: float = 0.0,
     label_smoothing: float = 0.0,
     sign_weight: float = 1.0,
+    positive_weight: float = 1.0,
+    negative_weight: float = 1.0,
     reduction: Literal["mean", "sum"] = "mean",
 ) -> tuple[Array, Metrics]:
-    """The named objective on model scores (and safety flags), with an ``accuracy`` metric.
+    """The named objective on model scores (and per-pair fields), with an ``accuracy`` metric.
 
     Args:
-      scores: ``chosen_scores`` and ``rejected_scores`` ``[B]`` (with ``chosen_is_safe``
-        and ``rejected_is_safe`` for ``"cost"``), or ``ranked_scores`` ``[B, K]``.
-      loss: ``"bradley_terry"``, ``"cost"`` or ``"plackett_luce"``.
+      scores: ``chosen_scores`` and ``rejected_scores`` ``[B]`` with the loss's
+        ``PAIR_FIELDS``, or ``ranked_scores`` ``[B, K]``.
+      loss: one of ``REWARD_LOSSES``.
       margin: Bradley–Terry margin m.
       label_smoothing: Bradley–Terry label smoothing ε.
       sign_weight: weight λ of the Safe-RLHF sign term.
+      positive_weight: binary feedback's weight w₊ of the positive class.
+      negative_weight: binary feedback's weight w₋ of the negative class.
       reduction: ``"mean"`` or ``"sum"`` over pairs or lists.
 
     Returns:
@@ -110,19 +136,41 @@ def reward_objective(
     if loss == "plackett_luce":
         value, metrics = plackett_luce_loss(scores["ranked_scores"], reduction=reduction)
         return value, {**metrics, "accuracy": metrics["top1_accuracy"]}
+    if loss == "strength":
+        return strength_reward_loss(
+            scores["chosen_scores"],
+            scores["rejected_scores"],
+            label_probs=scores["label_probs"],
+            margin=scores["margins"],
+            reduction=reduction,
+        )
+    if loss == "heron":
+        return heron_reward_loss(
+            scores["chosen_scores"],
+            scores["rejected_scores"],
+            scores["heron_labels"],
+            reduction=reduction,
+        )
+    if loss == "binary_feedback":
+        return weighted_binary_cross_entropy(
+            jnp.concatenate([scores["chosen_scores"], scores["rejected_scores"]]),
+            jnp.concatenate([scores["chosen_feedback"], scores["rejected_feedback"]]),
+            positive_weight=positive_weight,
+            negative_weight=negative_weight,
+            reduction=reduction,
+        )
     raise ValueError(f"reward loss must be one of {REWARD_LOSSES}, got {loss!r}")
 
 
 def model_scores(
     graphdef: nnx.GraphDef, params: PyTree, batch: Batch, loss: RewardLoss
 ) -> dict[str, Array]:
-    """The scores (and flags) :func:`reward_objective` needs for ``loss``."""
+    """The scores (and per-pair fields) :func:`reward_objective` needs for ``loss``."""
     if loss == "plackett_luce":
         return {"ranked_scores": list_scores(graphdef, params, batch)}
     chosen, rejected = pair_scores(graphdef, params, batch)
     scores = {"chosen_scores": chosen, "rejected_scores": rejected}
-    if loss == "cost":
-        scores.update({flag: batch[flag] for flag in SAFETY_FLAGS})
+    scores.update({name: batch[name] for name in PAIR_FIELDS.get(loss, ())})
     return scores
 
 
@@ -133,6 +181,8 @@ def reward_sum_loss(
     margin: float = 0.0,
     label_smoothing: float = 0.0,
     sign_weight: float = 1.0,
+    positive_weight: float = 1.0,
+    negative_weight: float = 1.0,
 ) -> SumLossFn:
     """``loss_fn(params, batch, rng) -> (summed loss, metrics)`` of a scalar model."""
     if loss not in REWARD_LOSSES:
@@ -146,6 +196,8 @@ def reward_sum_loss(
             margin=margin,
             label_smoothing=label_smoothing,
             sign_weight=sign_weight,
+            positive_weight=positive_weight,
+            negative_weight=negative_weight,
             reduction="sum",
         )
 
@@ -160,6 +212,8 @@ def make_reward_step(
     margin: float = 0.0,
     label_smoothing: float = 0.0,
     sign_weight: float = 1.0,
+    positive_weight: float = 1.0,
+    negative_weight: float = 1.0,
     num_micro_batches: int = 1,
 ) -> StepFn:
     """The pure reward- or cost-model step ``step(state, batch, rng) -> (state, metrics)``.
@@ -167,11 +221,14 @@ def make_reward_step(
     Args:
       graphdef: the scalar model's graph definition (static).
       tx: the optax transformation of ``state.opt_state``.
-      loss: ``"bradley_terry"`` (reward model), ``"cost"`` (Safe-RLHF cost model) or
-        ``"plackett_luce"`` (ranked lists).
+      loss: ``"bradley_terry"`` (reward model), ``"cost"`` (Safe-RLHF cost model),
+        ``"plackett_luce"`` (ranked lists), ``"strength"``, ``"heron"`` or
+        ``"binary_feedback"`` (module docstring).
       margin: Bradley–Terry margin m.
       label_smoothing: Bradley–Terry label smoothing ε.
       sign_weight: Safe-RLHF sign-term weight λ.
+      positive_weight: binary feedback's w₊.
+      negative_weight: binary feedback's w₋.
       num_micro_batches: micro-batches for gradient accumulation.
 
     Returns:
@@ -185,6 +242,8 @@ def make_reward_step(
             margin=margin,
             label_smoothing=label_smoothing,
             sign_weight=sign_weight,
+            positive_weight=positive_weight,
+            negative_weight=negative_weight,
         ),
         tx,
         num_micro_batches=num_micro_batches,
@@ -199,6 +258,8 @@ def make_reward_eval(
     margin: float = 0.0,
     label_smoothing: float = 0.0,
     sign_weight: float = 1.0,
+    positive_weight: float = 1.0,
+    negative_weight: float = 1.0,
 ) -> Evaluator:
     """``evaluate(state, arrays) -> metrics``: the objective on a whole held-out set.
 
@@ -213,7 +274,7 @@ def make_reward_eval(
     keys = ("input_ids", "attention_mask")
     if loss != "plackett_luce":
         keys = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in keys)
-        keys += SAFETY_FLAGS if loss == "cost" else ()
+        keys += PAIR_FIELDS.get(loss, ())
 
     def summarise(outputs: dict[str, np.ndarray]) -> dict[str, float]:
         value, metrics = reward_objective(
@@ -222,6 +283,8 @@ def make_reward_eval(
             margin=margin,
             label_smoothing=label_smoothing,
             sign_weight=sign_weight,
+            positive_weight=positive_weight,
+            negative_weight=negative_weight,
         )
         return host_metrics({"loss": value, **metrics})
 

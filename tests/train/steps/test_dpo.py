@@ -11,9 +11,11 @@ from rlhf_jax.models import Decoder, ModelConfig
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps.common import pair_sequence_logprobs, split_model
 from rlhf_jax.train.steps.dpo import (
+    REFERENCE_KEYS,
     initial_dpo_extra,
     make_dpo_eval,
     make_dpo_step,
+    pairwise_objective,
     precompute_reference_logps,
 )
 
@@ -29,6 +31,7 @@ CONFIG = ModelConfig.llama(
 )
 TX = optax.sgd(0.5)  # plain SGD: the parameter change is the (accumulated) gradient itself
 HYPER = {"beta": 0.5}
+KEYS = ("input_ids", "attention_mask", "response_mask")
 
 
 def make_pairs(seed):
@@ -143,3 +146,83 @@ def test_configuration_errors_name_the_problem(model):
         make_dpo_step(graphdef, TX, loss_name="aot_pair", num_micro_batches=2)
     with pytest.raises(ValueError, match="reference_params"):
         initial_dpo_extra("dpo", reference="in_step")
+
+
+def random_logps(seed, keys):
+    rng = np.random.default_rng(seed)
+    return {k: jnp.asarray(rng.normal(-20.0, 3.0, B), jnp.float32) for k in keys}
+
+
+@pytest.mark.parametrize(
+    ("loss_name", "hyper", "extra_keys"),
+    [
+        ("cpl", {"alpha": 0.3, "conservative_bias": 1.0}, ()),
+        ("selm", {"beta": 0.3, "alpha": 0.0}, ("explore_logps", "ref_explore_logps")),
+        ("rationale_dpo", {"beta": 0.3, "rationale_weight": 0.0}, ("rationale_logps",)),
+    ],
+)
+def test_registry_losses_reduce_to_dpo_at_their_limits(loss_name, hyper, extra_keys):
+    # CPL with λ = 1 is DPO with β = α; SELM with α = 0 and rationale DPO with γ = 0 are DPO.
+    pair_keys = ("chosen_logps", "rejected_logps", *REFERENCE_KEYS)
+    logps = random_logps(0, (*pair_keys, *extra_keys))
+    logps.update(
+        chosen_lengths=jnp.full((B,), 5.0),
+        rejected_lengths=jnp.full((B,), 7.0),
+        rationale_lengths=jnp.full((B,), 9.0),
+        has_rationale=jnp.ones((B,)),
+    )
+    loss, metrics = pairwise_objective(logps, loss_name=loss_name, hyper=hyper, reduction="sum")
+    dpo, dpo_metrics = pairwise_objective(
+        logps, loss_name="dpo", hyper={"beta": 0.3}, reduction="sum"
+    )
+    # The same float32 log-sigmoid of the same margins: rounding only.
+    np.testing.assert_allclose(loss, dpo, rtol=1e-6)
+    for name in ("denominator", "reward_margin", "reward_accuracy"):
+        np.testing.assert_allclose(metrics[name], dpo_metrics[name], rtol=1e-6)
+
+
+def test_conservative_cpl_penalises_the_rejected_score_less():
+    # ℓ(S⁺ − λ S⁻) with λ < 1: at equal positive scores the loss is below log 2, so raising
+    # both likelihoods lowers it (the in-distribution bias of Hejna et al., §3.2).
+    logps = {k: jnp.zeros((B,)) for k in ("chosen_logps", "rejected_logps", *REFERENCE_KEYS)}
+    logps.update(chosen_logps=jnp.full((B,), 2.0), rejected_logps=jnp.full((B,), 2.0))
+    logps.update(chosen_lengths=jnp.ones((B,)), rejected_lengths=jnp.ones((B,)))
+    hyper = {"alpha": 1.0, "conservative_bias": 0.5}
+    loss, _ = pairwise_objective(logps, loss_name="cpl", hyper=hyper, reduction="mean")
+    np.testing.assert_allclose(loss, -np.log(1.0 / (1.0 + np.exp(-1.0))), rtol=1e-6)
+
+
+def with_group(batch, group, seed):
+    """An extra response group: the chosen rows with their response tokens shuffled."""
+    rng = np.random.default_rng(seed)
+    ids = batch["chosen_input_ids"].copy()
+    mask = batch["chosen_response_mask"]
+    ids[mask] = rng.integers(3, VOCAB, mask.sum())
+    return {
+        **batch,
+        f"{group}_input_ids": ids,
+        f"{group}_attention_mask": batch["chosen_attention_mask"],
+        f"{group}_response_mask": mask,
+    }
+
+
+def test_selm_step_lowers_the_likelihood_of_its_explore_rows(model):
+    graphdef, params = model
+    batch = with_group(make_pairs(4), "explore", 0)
+    step = jax.jit(make_dpo_step(graphdef, TX, loss_name="selm", hyper={"beta": 0.5, "alpha": 1.0}))
+    state, metrics = step(fresh_state(params, "in_step"), batch, jax.random.key(0))
+    # At policy = reference the optimism term is 0 and the loss is DPO's log 2.
+    np.testing.assert_allclose(metrics["loss"], math.log(2.0), rtol=1e-6)
+    # The optimism gradient lowers the explored replies' likelihood.
+    logps = jax.jit(pair_sequence_logprobs, static_argnums=0)
+    explore = {f"{s}_{k}": batch[f"explore_{k}"] for s in ("chosen", "rejected") for k in KEYS}
+    before = logps(graphdef, params, explore)["chosen_logps"]
+    assert np.mean(logps(graphdef, state.params, explore)["chosen_logps"]) < np.mean(before)
+    # Precomputed reference log-probs of the explore rows: those of the initial policy
+    # (float32 forwards of the same rows, one fused with the pair: rounding only).
+    precomputed = precompute_reference_logps(
+        graphdef, params, batch, batch_size=B, loss_name="selm"
+    )
+    np.testing.assert_allclose(precomputed["ref_explore_logps"], before, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"loss 'selm' needs \['explore_input_ids'"):
+        step(fresh_state(params, "in_step"), make_pairs(4), jax.random.key(0))

@@ -147,3 +147,61 @@ def test_cost_step_eight_micro_batches_of_one_equal_one_batch_of_eight(model):
     )
     changed = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), one.params, params)
     assert max(jax.tree.leaves(changed)) > 1e-3  # the step did move the parameters
+
+
+def variant_scores(seed, size=16):
+    rng = np.random.default_rng(seed)
+    return {
+        "chosen_scores": jnp.asarray(rng.normal(size=size), jnp.float32),
+        "rejected_scores": jnp.asarray(rng.normal(size=size), jnp.float32),
+    }
+
+
+def test_strength_and_heron_reduce_to_bradley_terry():
+    scores = variant_scores(0)
+    size = scores["chosen_scores"].shape[0]
+    plain, plain_metrics = reward_objective(scores, loss="bradley_terry", reduction="sum")
+    # Hard labels (p = 1) and no margin: the maximum-likelihood Bradley–Terry loss.
+    strength = {**scores, "label_probs": jnp.ones(size), "margins": jnp.zeros(size)}
+    value, metrics = reward_objective(strength, loss="strength", reduction="sum")
+    np.testing.assert_allclose(value, plain, rtol=1e-6)  # the same log-sigmoids
+    np.testing.assert_allclose(metrics["accuracy"], plain_metrics["accuracy"])
+    # HERON labels all +1 (the hierarchy agrees with the pair's order): Bradley–Terry too;
+    # a 0 label removes its pair from the sum and from the denominator.
+    value, metrics = reward_objective(
+        {**scores, "heron_labels": jnp.ones(size)}, loss="heron", reduction="sum"
+    )
+    np.testing.assert_allclose(value, plain, rtol=1e-6)
+    labels = jnp.ones(size).at[:4].set(0.0)
+    value, metrics = reward_objective(
+        {**scores, "heron_labels": labels}, loss="heron", reduction="sum"
+    )
+    kept = {k: v[4:] for k, v in scores.items()}
+    expected, _ = reward_objective(kept, loss="bradley_terry", reduction="sum")
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    assert metrics["denominator"] == size - 4
+
+
+def test_binary_feedback_scores_both_replies_of_each_pair():
+    scores = variant_scores(1)
+    size = scores["chosen_scores"].shape[0]
+    feedback = {
+        "chosen_feedback": jnp.asarray(np.arange(size) % 3 == 0, jnp.float32),
+        "rejected_feedback": jnp.zeros(size),
+    }
+    value, metrics = reward_objective(
+        {**scores, **feedback},
+        loss="binary_feedback",
+        positive_weight=3.0,
+        negative_weight=0.5,
+        reduction="sum",
+    )
+    logits = np.concatenate([scores["chosen_scores"], scores["rejected_scores"]])
+    labels = np.concatenate([feedback["chosen_feedback"], feedback["rejected_feedback"]])
+    log_sigmoid = lambda z: -np.logaddexp(0.0, -z)  # noqa: E731
+    expected = -np.sum(
+        3.0 * labels * log_sigmoid(logits) + 0.5 * (1 - labels) * log_sigmoid(-logits)
+    )
+    # float32 against float64 on 32 terms of size ~1.
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    assert metrics["denominator"] == 2 * size  # replies, not pairs
