@@ -2,19 +2,18 @@
 
 import gzip
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.data.builders.qa_feedback import ERROR_TYPES, error_token_labels
+from rlhf_jax.data.builders.qa_feedback import ERROR_TYPES, bundled_dev_dir, error_token_labels
 from rlhf_jax.data.tokenizers import ByteTokenizer
 from rlhf_jax.objectives import fine_grained
 from rlhf_jax.objectives.advantages import gae_advantages
 
-FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "qa_feedback" / "dev_feedback.json.gz"
+FIXTURE = bundled_dev_dir() / "dev_feedback.json.gz"
 
 MASK = jnp.array([[0, 1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 1, 1, 0, 0]], jnp.float32)
 # Row 0: segments {1,2}, {3}, {4,5,6}; row 1: {0}, {1,2,4} (position 3 masked), {5}.

@@ -11,6 +11,7 @@ from rlhf_jax.data.builders.pku_safe_rlhf import PkuSafeRlhf
 from rlhf_jax.data.builders.qa_feedback import (
     ERROR_TYPES,
     QaFeedback,
+    bundled_dev_dir,
     copeland_ranks,
     error_token_labels,
     span_token_labels,
@@ -26,6 +27,7 @@ __all__ = [
     "QaFeedback",
     "SummarizeFromFeedback",
     "UltraFeedback",
+    "bundled_dev_dir",
     "copeland_ranks",
     "error_token_labels",
     "fine_grained_score",

@@ -23,11 +23,16 @@ Error spans. Both configs keep the record's passages; ``ranked`` also keeps the 
 ``"prediction 1"`` (``error_types``, ``error_starts``, ``error_ends``: ``[start, end)``
 character offsets). :func:`error_token_labels` turns them into per-token labels for any
 tokenizer, the dense targets of the fine-grained reward models.
+
+The real development file (500 questions, Apache-2.0, its provenance in ``NOTICE``) ships
+with the package: ``source_dir=bundled_dev_dir()`` builds it anywhere the package is
+installed, with nothing to download.
 """
 
 from __future__ import annotations
 
 import itertools
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,6 +58,11 @@ ERROR_TYPES = ("Irrelevant", "Redundant", "Incoherent", "Wrong-Grounding", "Unve
 NUM_PREDICTIONS = 4
 #: The prediction pairs judged by ``preference``, in order (0-based indices).
 JUDGED_PAIRS = tuple(itertools.combinations(range(NUM_PREDICTIONS), 2))
+
+
+def bundled_dev_dir() -> pathlib.Path:
+    """The folder of the packaged ``dev_feedback.json.gz`` (the real dev split) and NOTICE."""
+    return pathlib.Path(__file__).resolve().parent / "data" / "qa_feedback"
 
 
 def copeland_ranks(preference: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -5,7 +5,6 @@ import collections
 import copy
 import gzip
 import json
-import pathlib
 import re
 
 import numpy as np
@@ -15,6 +14,7 @@ from scipy.stats import rankdata
 from rlhf_jax.data.builders import (
     ERROR_TYPES,
     QaFeedback,
+    bundled_dev_dir,
     copeland_ranks,
     error_token_labels,
     prepare,
@@ -24,7 +24,7 @@ from rlhf_jax.data.builders import (
 from rlhf_jax.data.errors import DataError
 from rlhf_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
 
-FIXTURE = pathlib.Path(__file__).resolve().parents[2] / "fixtures" / "qa_feedback"
+FIXTURE = bundled_dev_dir()
 PAIRS = [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]
 
 
