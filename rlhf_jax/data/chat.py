@@ -17,6 +17,18 @@ reply is the dialogue so far followed by ``<assistant>``. This makes
 
 so the tokens a sampler conditions on are exactly those the losses see.
 
+URIAL (Lin et al., 2023, "The Unlocking Spell on Base LLMs: Rethinking Alignment via
+In-Context Learning") aligns an untuned base model without training: a system prompt and
+``K`` stylistic examples ``(query_k, answer_k)`` are prepended as prior turns,
+
+    render_urial_prompt(turns, tok, alignment)
+        == render_prompt([("system", s), ("human", q_1), ("assistant", a_1), ...,
+                          ("human", q_K), ("assistant", a_K), *turns], tok)
+
+and with no system prompt and no examples it is :func:`render_prompt` itself. The paper
+writes its prompt as plain text with ``# Query:`` / ``# Answer:`` headers; here the chat
+template's role markers play those headers' part.
+
 The Anthropic HH-RLHF text format (Bai et al., 2022, "Training a Helpful and Harmless
 Assistant with Reinforcement Learning from Human Feedback") writes a dialogue as
 ``"\n\nHuman: ...\n\nAssistant: ..."``; :func:`parse_anthropic` and
@@ -143,6 +155,46 @@ def render_prompt(
     context = render_chat(turns, tokenizer, add_bos=add_bos).ids
     marker = np.int32(tokenizer.role_ids["assistant"])
     return np.append(context, marker).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class InContextAlignment:
+    """URIAL's in-context alignment: a system prompt and stylistic examples (Lin et al., 2023).
+
+    Attributes:
+      system_prompt: text of a leading ``system`` turn; ``""`` for none.
+      examples: ``(query, answer)`` pairs rendered as prior human and assistant turns.
+    """
+
+    system_prompt: str = ""
+    examples: tuple[tuple[str, str], ...] = ()
+
+
+def in_context_turns(turns: Sequence[Turn], alignment: InContextAlignment) -> list[Turn]:
+    """``[system prompt] + [(human, q_k), (assistant, a_k)]_k + turns``.
+
+    Raises:
+      ValueError: if both ``alignment`` and ``turns`` bring a system prompt.
+    """
+    prefix: list[Turn] = []
+    if alignment.system_prompt:
+        if any(role == "system" for role, _ in turns):
+            raise ValueError("the turns already hold a system turn; drop it or the system_prompt")
+        prefix.append(("system", alignment.system_prompt))
+    for query, answer in alignment.examples:
+        prefix.extend([("human", query), ("assistant", answer)])
+    return prefix + list(turns)
+
+
+def render_urial_prompt(
+    turns: Sequence[Turn],
+    tokenizer: Tokenizer,
+    alignment: InContextAlignment,
+    *,
+    add_bos: bool = True,
+) -> np.ndarray:
+    """The generation prompt with URIAL's prefix: ``render_prompt(in_context_turns(...))``."""
+    return render_prompt(in_context_turns(turns, alignment), tokenizer, add_bos=add_bos)
 
 
 def split_final_assistant(turns: Sequence[Turn]) -> tuple[list[Turn], str]:

@@ -5,11 +5,14 @@ import numpy as np
 import pytest
 
 from rlhf_jax.data.chat import (
+    InContextAlignment,
     format_anthropic,
+    in_context_turns,
     parse_anthropic,
     render_chat,
     render_prompt,
     render_response,
+    render_urial_prompt,
     split_final_assistant,
 )
 from rlhf_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer
@@ -120,3 +123,38 @@ def test_parse_anthropic_keeps_empty_final_reply_and_rejects_other_text():
         parse_anthropic("Human: no leading blank line")
     with pytest.raises(ValueError, match="only human and assistant"):
         format_anthropic([("system", "x")])
+
+
+def test_urial_prompt_is_the_hand_built_concatenation():
+    tok = ByteTokenizer()
+    alignment = InContextAlignment(
+        system_prompt="Be kind.", examples=(("Hi?", "Hello!"), ("2+2?", "4, glad to help."))
+    )
+    query = [("human", "Capital of Peru?")]
+
+    def text(s):
+        return list(tok.encode(s))
+
+    role = tok.role_ids
+    expected = [tok.bos_id, role["system"], *text("Be kind.")]
+    for q, a in alignment.examples:
+        expected += [role["human"], *text(q), role["assistant"], *text(a), tok.eos_id]
+    expected += [role["human"], *text("Capital of Peru?"), role["assistant"]]
+    assert render_urial_prompt(query, tok, alignment).tolist() == expected
+    assert in_context_turns(query, alignment)[-1] == query[0]
+
+
+def test_urial_without_examples_or_system_prompt_is_the_plain_prompt(tokenizer):
+    context, _ = split_final_assistant(DIALOGUE)
+    np.testing.assert_array_equal(
+        render_urial_prompt(context, tokenizer, InContextAlignment()),
+        render_prompt(context, tokenizer),
+    )
+    # A system prompt only: the same as writing the system turn by hand.
+    turns = [("human", "Hi")]
+    np.testing.assert_array_equal(
+        render_urial_prompt(turns, tokenizer, InContextAlignment(system_prompt="Be brief.")),
+        render_prompt([("system", "Be brief."), *turns], tokenizer),
+    )
+    with pytest.raises(ValueError, match="already hold a system turn"):
+        in_context_turns(context, InContextAlignment(system_prompt="Be kind."))
