@@ -189,15 +189,16 @@ def sequence_log_ratios(
 
 
 def colocate(tree, like):
-    """``tree`` replicated on the mesh that ``like``'s arrays are sharded over, if any.
+    """``tree`` on the devices of ``like``'s arrays: replicated on their mesh, if any.
 
     A policy trained on a mesh is evaluated with frozen models (scorers, reference) that
-    were loaded onto one device; a jitted call needs all its arguments on one device set.
+    were loaded onto one device, and the same evaluator may next see a policy on one
+    device again; a jitted call needs all its arguments on one device set.
     """
     sharding = jax.tree.leaves(like)[0].sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
         return jax.device_put(tree, jax.sharding.NamedSharding(sharding.mesh, jax.P()))
-    return tree
+    return jax.device_put(tree, next(iter(sharding.device_set)))
 
 
 def make_evaluator(config, tokenizer, task, policy_graphdef, scorers, reference_params=None):
