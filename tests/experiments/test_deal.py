@@ -4,29 +4,15 @@ import json
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from experiments import common, deal
+from experiments import deal
 from experiments.configs import deal as deal_configs
-from rlhf_jax.models import Decoder, ScalarModel
 from rlhf_jax.train.config import ConfigError
-from rlhf_jax.train.steps.common import split_model
 
 
 @pytest.fixture(scope="module")
-def offline(tmp_path_factory):
-    """``sft/`` (policy), ``rm/`` and ``cm/`` (scorers) workdirs of tiny models."""
-    root = tmp_path_factory.mktemp("offline")
-    config = deal_configs.get_config("tiny")
-    architecture = common.model_config(config, common.build_tokenizer(config))
-    for name in ("sft", "rm", "cm"):
-        (root / name).mkdir()
-    _, policy = split_model(Decoder(architecture, rngs=nnx.Rngs(0)))
-    common.export_params(str(root / "sft"), "policy", policy, architecture)
-    for seed, name in enumerate(("rm", "cm"), start=1):
-        _, scorer = split_model(ScalarModel(architecture, rngs=nnx.Rngs(seed)))
-        common.export_params(str(root / name), "scorer", scorer, architecture)
-    return root
+def offline(tmp_path_factory, export_offline_runs):
+    return export_offline_runs(tmp_path_factory.mktemp("offline"), deal_configs.get_config("tiny"))
 
 
 def test_deal_experiment_writes_the_table_of_every_method(offline, tmp_path):

@@ -6,34 +6,20 @@ by ``common.export_params`` (the layout the offline runs leave in their workdirs
 
 import numpy as np
 import pytest
-from flax import nnx
 from scipy import stats
 
-from experiments import common, hc_rlhf
+from experiments import hc_rlhf
 from experiments.configs import hc_rlhf as hc_configs
-from rlhf_jax.models import Decoder, ScalarModel
 from rlhf_jax.objectives.hc_rlhf import NO_SOLUTION_FOUND, PASS
 from rlhf_jax.train.config import ConfigError
 from rlhf_jax.train.metrics import JSONL_NAME, read_jsonl
-from rlhf_jax.train.steps.common import split_model
 
 TIGHT, LOOSE, MULTIPLIER_LR, INITIAL_MULTIPLIER = -100.0, 100.0, 0.01, 0.5
 
 
 @pytest.fixture(scope="module")
-def offline(tmp_path_factory):
-    """``sft/`` (policy), ``rm/`` and ``cm/`` (scorers) workdirs of tiny models."""
-    root = tmp_path_factory.mktemp("offline")
-    config = hc_configs.get_config("tiny")
-    architecture = common.model_config(config, common.build_tokenizer(config))
-    for name in ("sft", "rm", "cm"):
-        (root / name).mkdir()
-    _, policy = split_model(Decoder(architecture, rngs=nnx.Rngs(0)))
-    common.export_params(str(root / "sft"), "policy", policy, architecture)
-    for seed, name in enumerate(("rm", "cm"), start=1):
-        _, scorer = split_model(ScalarModel(architecture, rngs=nnx.Rngs(seed)))
-        common.export_params(str(root / name), "scorer", scorer, architecture)
-    return root
+def offline(tmp_path_factory, export_offline_runs):
+    return export_offline_runs(tmp_path_factory.mktemp("offline"), hc_configs.get_config("tiny"))
 
 
 def tiny_config(offline):

@@ -6,29 +6,18 @@ The SFT policy and the reward model are freshly initialised tiny models exported
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from experiments import common, ma_rlhf
+from experiments import ma_rlhf
 from experiments.configs import ma_rlhf as ma_configs
-from rlhf_jax.models import Decoder, ScalarModel
 from rlhf_jax.train.config import ConfigError
 from rlhf_jax.train.metrics import JSONL_NAME, read_jsonl
-from rlhf_jax.train.steps.common import split_model
 
 
 @pytest.fixture(scope="module")
-def offline(tmp_path_factory):
-    """``sft/`` (policy) and ``rm/`` (scorer) workdirs of tiny models."""
-    root = tmp_path_factory.mktemp("offline")
-    config = ma_configs.get_config("tiny")
-    architecture = common.model_config(config, common.build_tokenizer(config))
-    (root / "sft").mkdir()
-    (root / "rm").mkdir()
-    _, policy = split_model(Decoder(architecture, rngs=nnx.Rngs(0)))
-    common.export_params(str(root / "sft"), "policy", policy, architecture)
-    _, scorer = split_model(ScalarModel(architecture, rngs=nnx.Rngs(1)))
-    common.export_params(str(root / "rm"), "scorer", scorer, architecture)
-    return root
+def offline(tmp_path_factory, export_offline_runs):
+    return export_offline_runs(
+        tmp_path_factory.mktemp("offline"), ma_configs.get_config("tiny"), scorers=("rm",)
+    )
 
 
 def test_ma_rlhf_experiment_raises_the_reward_model_score(offline, tmp_path):

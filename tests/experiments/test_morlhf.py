@@ -6,15 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from experiments import common, morlhf
+from experiments import morlhf
 from experiments.configs import morlhf as morlhf_configs
-from rlhf_jax.models import Decoder, ScalarModel
 from rlhf_jax.objectives.modpo import modpo_loss
 from rlhf_jax.objectives.pairwise import PAIRWISE_LOSSES
 from rlhf_jax.train.metrics import JSONL_NAME, read_jsonl
-from rlhf_jax.train.steps.common import split_model
 
 
 @pytest.mark.parametrize("weight", [0.2, 0.5, 1.0])
@@ -46,19 +43,10 @@ def test_dpo_on_shifted_reference_is_the_modpo_loss(weight):
 
 
 @pytest.fixture(scope="module")
-def offline(tmp_path_factory):
-    """``sft/`` (policy), ``rm/`` and ``cm/`` (scorers) workdirs of tiny models."""
-    root = tmp_path_factory.mktemp("offline")
-    config = morlhf_configs.get_config("tiny")
-    architecture = common.model_config(config, common.build_tokenizer(config))
-    for name in ("sft", "rm", "cm"):
-        (root / name).mkdir()
-    _, policy = split_model(Decoder(architecture, rngs=nnx.Rngs(0)))
-    common.export_params(str(root / "sft"), "policy", policy, architecture)
-    for seed, name in enumerate(("rm", "cm"), start=1):
-        _, scorer = split_model(ScalarModel(architecture, rngs=nnx.Rngs(seed)))
-        common.export_params(str(root / name), "scorer", scorer, architecture)
-    return root
+def offline(tmp_path_factory, export_offline_runs):
+    return export_offline_runs(
+        tmp_path_factory.mktemp("offline"), morlhf_configs.get_config("tiny")
+    )
 
 
 def test_weighted_scorer_scores_the_weighted_sum(offline):

@@ -17,29 +17,18 @@ from flax import nnx
 from experiments import common, ppo
 from experiments.configs import ppo as ppo_configs
 from rlhf_jax.data import task_batches
-from rlhf_jax.models import Decoder, ScalarModel
+from rlhf_jax.models import Decoder
 from rlhf_jax.sampling import sample
 from rlhf_jax.train.config import ConfigError
 from rlhf_jax.train.metrics import JSONL_NAME, read_jsonl
 from rlhf_jax.train.steps.common import split_model
 
 
-def export_offline_runs(root, config):
-    """``root/sft`` with a policy and ``root/rm`` with a scorer, as the offline runs export."""
-    architecture = common.model_config(config, common.build_tokenizer(config))
-    _, policy = split_model(Decoder(architecture, rngs=nnx.Rngs(0)))
-    common.export_params(str(root / "sft"), "policy", policy, architecture)
-    _, scorer = split_model(ScalarModel(architecture, rngs=nnx.Rngs(1)))
-    common.export_params(str(root / "rm"), "scorer", scorer, architecture)
-    return root
-
-
 @pytest.fixture(scope="module")
-def offline(tmp_path_factory):
-    root = tmp_path_factory.mktemp("offline")
-    (root / "sft").mkdir()
-    (root / "rm").mkdir()
-    return export_offline_runs(root, ppo_configs.get_config("tiny"))
+def offline(tmp_path_factory, export_offline_runs):
+    return export_offline_runs(
+        tmp_path_factory.mktemp("offline"), ppo_configs.get_config("tiny"), scorers=("rm",)
+    )
 
 
 def test_ppo_experiment_raises_the_reward_model_score(offline, tmp_path):

@@ -6,30 +6,16 @@ freshly initialised tiny models (the layout the offline runs leave in their work
 
 import numpy as np
 import pytest
-from flax import nnx
 
-from experiments import common, safe_rlhf
+from experiments import safe_rlhf
 from experiments.configs import safe_rlhf as safe_configs
-from rlhf_jax.models import Decoder, ScalarModel
 from rlhf_jax.train.config import ConfigError
 from rlhf_jax.train.metrics import JSONL_NAME, read_jsonl
-from rlhf_jax.train.steps.common import split_model
 
 
 @pytest.fixture(scope="module")
-def offline(tmp_path_factory):
-    """``sft/`` (policy), ``rm/`` and ``cm/`` (scorers) workdirs of tiny models."""
-    root = tmp_path_factory.mktemp("offline")
-    config = safe_configs.get_config("tiny")
-    architecture = common.model_config(config, common.build_tokenizer(config))
-    for name in ("sft", "rm", "cm"):
-        (root / name).mkdir()
-    _, policy = split_model(Decoder(architecture, rngs=nnx.Rngs(0)))
-    common.export_params(str(root / "sft"), "policy", policy, architecture)
-    for seed, name in enumerate(("rm", "cm"), start=1):
-        _, scorer = split_model(ScalarModel(architecture, rngs=nnx.Rngs(seed)))
-        common.export_params(str(root / name), "scorer", scorer, architecture)
-    return root
+def offline(tmp_path_factory, export_offline_runs):
+    return export_offline_runs(tmp_path_factory.mktemp("offline"), safe_configs.get_config("tiny"))
 
 
 def test_safe_rlhf_multiplier_tracks_the_constraint(offline, tmp_path):
