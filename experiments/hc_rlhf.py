@@ -42,14 +42,7 @@ from rlhf_jax.data.embedded_task import score_responses
 from rlhf_jax.objectives.hc_rlhf import PASS, safety_test, safety_verdict
 from rlhf_jax.sampling import sample
 from rlhf_jax.train.config import ConfigError, Field
-from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps.common import split_model
-from rlhf_jax.train.steps.safe_rlhf import (
-    SafeRLHFConfig,
-    SafeRLHFModels,
-    init_safe_rlhf_extra,
-    make_safe_rlhf_step,
-)
 
 SCHEMA = {
     **safe.SCHEMA,
@@ -134,69 +127,17 @@ def run_safety_test(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Select a candidate under the pessimistic bound, safety-test it; returns the summary."""
     rl.validate_rollout(config, SCHEMA)
-    if config.log_multiplier and config.initial_multiplier <= 0.0:
-        raise ConfigError("config.initial_multiplier must be > 0 when config.log_multiplier")
-    tokenizer = common.build_tokenizer(config)
-    task = common.build_task(config)
-    safety_prompts(config, task)  # fail before training when the safety set is too small
-    architecture = common.model_config(config, tokenizer)
-    policy_graphdef, policy_params = split_model(common.build_decoder(config, architecture))
-    reward_graphdef, reward_params, reward_arch = rl.load_scorer(
-        config.reward_from, "reward_from", config.seed
-    )
-    cost_graphdef, cost_params, cost_arch = rl.load_scorer(
-        config.cost_from, "cost_from", config.seed
-    )
-    if cost_arch != reward_arch:
-        raise ConfigError(
-            "config.cost_from: the cost model's architecture differs from the reward "
-            "model's; both critics share one architecture"
-        )
-    params = {
-        "policy": policy_params,
-        "reward_value": rl.copy_tree(reward_params),
-        "cost_value": rl.copy_tree(cost_params),
-    }
-    hc_config = SafeRLHFConfig(
-        sampling=rl.sampling_config(config, tokenizer),
-        update=rl.update_config(config),
-        cost_threshold=config.cost_threshold,
-        multiplier_lr=config.multiplier_lr,
-        log_multiplier=config.log_multiplier,
-        normalise_advantages=config.normalise_advantages,
-        kl_target=config.kl_target or None,
-        kl_horizon=config.kl_horizon,
+    safety_prompts(config, common.build_task(config))  # fail before training if too few
+    summary = safe.train(
+        config,
+        workdir,
+        export_as="candidate",
         cost_bound="pessimistic",
         bound_delta=config.bound_delta,
         safety_size=config.num_safety_prompts,
         candidate_coef=config.candidate_coef,
         safety_coef=config.safety_coef,
     )
-    extra = init_safe_rlhf_extra(
-        hc_config,
-        reference_params=rl.copy_tree(policy_params),
-        reward_params=reward_params,
-        cost_params=cost_params,
-        kl_coef=config.kl_coef,
-        multiplier=config.initial_multiplier,
-    )
-    tx = rl.build_rl_optimizer(config)
-    state = TrainState.create(params, tx, rng=config.seed, extra=extra)
-    models = SafeRLHFModels(policy_graphdef, reward_graphdef, reward_graphdef, cost_graphdef)
-    scorers = {"reward": (reward_graphdef, reward_params), "cost": (cost_graphdef, cost_params)}
-    evaluate = rl.make_evaluator(config, tokenizer, task, policy_graphdef, scorers)
-    state, run_summary, history, evaluations = rl.train_with_evaluations(
-        make_safe_rlhf_step(models, tx, hc_config),
-        state,
-        rl.prompt_schedule(config, tokenizer, task),
-        config,
-        workdir,
-        evaluate,
-        lambda s: s.params["policy"],
-    )
-    common.export_params(workdir, "candidate", state.params["policy"], architecture)
-    keys = ("reward_score", "cost_score", "cost_bound", "lambda", "kl", "response_length")
-    summary = rl.training_summary(run_summary, history, evaluations, keys)
     summary = {**run_safety_test(config, workdir), **summary}
     summary["policy"] = os.path.join(workdir, "policy") if summary["verdict"] == PASS else None
     return common.finish(workdir, "HC-RLHF", summary)

@@ -44,9 +44,17 @@ SCHEMA = {
 }
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train with PPO-Lagrangian, evaluate along the way, export the policy; returns the summary."""
-    rl.validate_rollout(config, SCHEMA)
+def train(
+    config: ml_collections.ConfigDict, workdir: str, export_as: str = "policy", **options
+) -> dict:
+    """PPO-Lagrangian from ``config``: train, evaluate along the way, export the policy.
+
+    Loads the policy (``init_from``), the reward and the cost model, trains with
+    :func:`rlhf_jax.train.steps.safe_rlhf.make_safe_rlhf_step` through
+    ``ppo.train_with_evaluations`` and exports the final policy as ``export_as``.
+    ``options`` are further :class:`SafeRLHFConfig` fields (HC-RLHF's pessimistic bound).
+    Returns the training summary.
+    """
     if config.log_multiplier and config.initial_multiplier <= 0.0:
         raise ConfigError("config.initial_multiplier must be > 0 when config.log_multiplier")
     tokenizer = common.build_tokenizer(config)
@@ -78,6 +86,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         normalise_advantages=config.normalise_advantages,
         kl_target=config.kl_target or None,
         kl_horizon=config.kl_horizon,
+        **options,
     )
     extra = init_safe_rlhf_extra(
         safe_config,
@@ -103,11 +112,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         evaluate,
         lambda s: s.params["policy"],
     )
-    common.export_params(workdir, "policy", state.params["policy"], architecture)
-    keys = ("reward_score", "cost_score", "lambda", "kl", "response_length")
-    return common.finish(
-        workdir, "Safe-RLHF", rl.training_summary(run_summary, history, evaluations, keys)
-    )
+    common.export_params(workdir, export_as, state.params["policy"], architecture)
+    keys = ("reward_score", "cost_score", "cost_bound", "lambda", "kl", "response_length")
+    return rl.training_summary(run_summary, history, evaluations, keys)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train with PPO-Lagrangian, evaluate along the way, export the policy; returns the summary."""
+    rl.validate_rollout(config, SCHEMA)
+    return common.finish(workdir, "Safe-RLHF", train(config, workdir))
 
 
 if __name__ == "__main__":
