@@ -1,0 +1,47 @@
+"""Sentence-level C1 (relevance) and C2 (factuality) reward models on the real QA-Feedback spans.
+
+``python experiments/fine_grained_qa.py --config=experiments/configs/fine_grained_qa.py
+--workdir=runs/fine_grained_qa`` (``fine_grained_qa.py:tiny`` selects the smoke-test
+preset; ``--config.init_from=runs/sft`` starts both trunks from an SFT policy).
+"""
+
+import ml_collections
+
+from experiments.common import base_config
+from experiments.configs.ppo import TINY_MODEL
+
+PRESETS = ("", "tiny")
+
+
+def get_config(preset: str = "") -> ml_collections.ConfigDict:
+    """The shared keys less the embedded task, plus the data source and the held-out part.
+
+    Args:
+      preset: ``""`` (the ~5M-parameter byte model, 1024-token inputs, 300 steps per
+        model) or ``"tiny"`` (a tiny model on 512-token inputs, 24 steps per model).
+
+    Raises:
+      ValueError: for an unknown preset.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} of configs/fine_grained_qa.py: '' or 'tiny'")
+    config = base_config()
+    del config["task"]
+    config.source_dir = ""  # "" reads the packaged dev_feedback.json.gz
+    config.split = "dev"
+    config.heldout_fraction = 0.2
+    config.max_length = 1024
+    config.batch_size = 16
+    config.eval_batch_size = 16
+    config.num_steps = 300
+    config.log_every = 10
+    config.optimizer.learning_rate = 5e-4
+    if preset == "tiny":
+        config.model.update(TINY_MODEL)
+        config.max_length = 512
+        config.batch_size = 8
+        config.num_steps = 24
+        config.log_every = 1
+        config.optimizer.warmup_steps = 0
+        config.optimizer.learning_rate = 3e-3
+    return config
