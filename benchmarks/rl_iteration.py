@@ -10,9 +10,9 @@ the critic is a value head on the policy trunk (``shared_critic=True``), the ref
 a frozen copy of the policy (KL folded into the rewards, β = 0.05), PPO with 1 epoch and 1
 minibatch. The whole iteration is one jitted call with the state donated. The breakdown
 times each stage as its own jitted function on the same shapes: rollout (the sampler),
-scoring (reward model), reference (frozen log-probs), value (the policy-with-value-head
-forward that gives ``π_old`` and the old values) and update (``ppo_epochs``: forward,
-backward, AdamW).
+scoring (reward model), reference (frozen log-probs) and update
+(:func:`~rlhf_jax.train.steps.ppo.single_pass_update`: one forward pass of the policy with
+its value head that also gives ``π_old`` and the old values, GAE, backward, AdamW).
 
 TRL: ``trainer.train()`` for ``--warmup + --iterations`` steps of 32 completions (8 prompts
 × ``num_generations`` 4); a callback times each optimiser step (generation, reward,
@@ -54,19 +54,20 @@ from benchmarks.common import (
     word_tokenizer,
 )
 from rlhf_jax.models.heads import PolicyWithValueHead, ScalarModel
-from rlhf_jax.models.logprobs import response_logprobs
 from rlhf_jax.sampling import SamplingConfig
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps import init_ppo_extra, make_optimizer, make_ppo_step
-from rlhf_jax.train.steps.ppo import PPOConfig, PPOModels, actor_critic_forward
+from rlhf_jax.train.steps.ppo import (
+    PPOConfig,
+    PPOModels,
+    actor_critic_forward,
+    single_pass_update,
+)
 from rlhf_jax.train.steps.rollout import (
     PPOUpdateConfig,
-    actor_critic_sum_loss,
     frozen_token_logprobs,
     generate,
-    ppo_epochs,
     sequence_scores,
-    state_values,
 )
 
 KL_COEF = 0.05
@@ -107,14 +108,10 @@ def ppo_stage_functions(setup: Mapping[str, Any]) -> dict[str, Any]:
     models, ppo = setup["models"], setup["ppo"]
     forward = actor_critic_forward(models)
 
-    def value(params, tokens, attention_mask, response_mask):
-        logits, scalars = forward(params, tokens, attention_mask)
-        old_logprobs, _ = response_logprobs(logits, tokens, response_mask)
-        return old_logprobs, state_values(scalars["reward"], response_mask)
-
-    def update(state, data, key):
-        loss_fn = actor_critic_sum_loss(forward, ("reward",), ppo.update, state.extra["kl_coef"])
-        return ppo_epochs(loss_fn, setup["tx"], state, data, key, config=ppo.update)
+    def update(state, output, ref_logprobs, scores):
+        return single_pass_update(
+            forward, setup["tx"], state, output, ref_logprobs, scores, ppo.update
+        )[:2]
 
     return {
         "rollout": jax.jit(
@@ -126,7 +123,6 @@ def ppo_stage_functions(setup: Mapping[str, Any]) -> dict[str, Any]:
         "reference": jax.jit(
             lambda params, t, m, r: frozen_token_logprobs(models.policy, params, t, m, r)
         ),
-        "value": jax.jit(value),
         "update": jax.jit(update),
     }
 
@@ -139,24 +135,13 @@ def ppo_breakdown(setup: Mapping[str, Any], prompts, repeats: int) -> dict[str, 
     key = jax.random.key(1)
     out = stages["rollout"](params["policy"], prompts, key)
     tokens, mask, response = out.tokens, out.attention_mask, out.response_mask
-    old_logprobs, old_values = stages["value"](params, tokens, mask, response)
-    zeros = jnp.zeros(tokens.shape, jnp.float32)
-    data = {
-        "tokens": tokens,
-        "attention_mask": mask,
-        "response_mask": response,
-        "old_logprobs": old_logprobs,
-        "ref_logprobs": old_logprobs,
-        "advantages": zeros + 0.1,
-        "reward_old_values": old_values,
-        "reward_returns": zeros,
-    }
+    ref_logprobs = stages["reference"](extra["reference_params"], tokens, mask, response)
+    scores = stages["scoring"](extra["reward_params"], tokens, mask)
     calls = {
         "rollout": lambda: stages["rollout"](params["policy"], prompts, key),
         "scoring": lambda: stages["scoring"](extra["reward_params"], tokens, mask),
         "reference": lambda: stages["reference"](extra["reference_params"], tokens, mask, response),
-        "value": lambda: stages["value"](params, tokens, mask, response),
-        "update": lambda: stages["update"](state, data, key),
+        "update": lambda: stages["update"](state, out, ref_logprobs, scores),
     }
     return {
         name: best_time(lambda call=call: jax.block_until_ready(call()), repeats)

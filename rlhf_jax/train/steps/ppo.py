@@ -31,7 +31,8 @@ The iteration is assembled from pieces that other online steps reuse:
 :func:`sample_rollout` (steps 1–2), :func:`token_rewards`, :func:`rollout_data` (the
 arrays of the update epochs) and :func:`finish_iteration` (step 6 and the metrics); the
 MA-RLHF and fine-grained RLHF steps replace the advantages, the loss or the rewards in
-between.
+between. With one epoch of one minibatch, :func:`single_pass_update` takes π_old and the
+old values from the update's own forward pass instead of a separate one.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from rlhf_jax.train.steps.common import StepFn
 from rlhf_jax.train.steps.rollout import (
     ActorCriticFn,
     PPOUpdateConfig,
+    actor_critic_loss,
     actor_critic_sum_loss,
     frozen_token_logprobs,
     generate,
@@ -236,6 +238,42 @@ def sample_rollout(
     Returns:
       The :class:`Rollout`.
     """
+    output, ref_logprobs, scores = sample_and_score(models, state, prompts, rng, sampling=sampling)
+    mask = output.response_mask
+    logits, scalars = forward(
+        jax.lax.stop_gradient(state.params), output.tokens, output.attention_mask
+    )
+    old_logprobs, _ = response_logprobs(logits, output.tokens, mask)
+    return Rollout(
+        output=output,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        old_values=state_values(scalars["reward"], mask),
+        scores=scores,
+    )
+
+
+def sample_and_score(
+    models: PPOModels,
+    state: TrainState,
+    prompts: Mapping[str, Array],
+    rng: Array,
+    *,
+    sampling: SamplingConfig,
+) -> tuple[SampleOutput, Array, Array]:
+    """Sample ``y ~ π_θ`` and evaluate the frozen models on it: ``(output, log π_ref, R)``.
+
+    Args:
+      models: the graph definitions.
+      state: the training state (frozen models in ``extra``).
+      prompts: left-padded ``input_ids`` and ``attention_mask`` ``[B, P]``.
+      rng: key of the sampler.
+      sampling: the sampler's settings.
+
+    Returns:
+      The sampler's output, the reference's per-token log-probs ``[B, L]`` and the
+      reward model's scores ``[B]``.
+    """
     output = generate(
         models.policy,
         state.params["policy"],
@@ -244,17 +282,83 @@ def sample_rollout(
         sampling=sampling,
     )
     tokens, attention_mask, mask = output.tokens, output.attention_mask, output.response_mask
-    logits, scalars = forward(jax.lax.stop_gradient(state.params), tokens, attention_mask)
-    old_logprobs, _ = response_logprobs(logits, tokens, mask)
-    return Rollout(
-        output=output,
-        old_logprobs=old_logprobs,
-        ref_logprobs=frozen_token_logprobs(
-            models.policy, state.extra["reference_params"], tokens, attention_mask, mask
-        ),
-        old_values=state_values(scalars["reward"], mask),
-        scores=sequence_scores(models.reward, state.extra["reward_params"], tokens, attention_mask),
+    ref_logprobs = frozen_token_logprobs(
+        models.policy, state.extra["reference_params"], tokens, attention_mask, mask
     )
+    scores = sequence_scores(models.reward, state.extra["reward_params"], tokens, attention_mask)
+    return output, ref_logprobs, scores
+
+
+def advantage_data(
+    rollout: Rollout, kl_coef: Array, update: PPOUpdateConfig
+) -> tuple[Array, dict[str, Array]]:
+    """Steps 3–4: per-token rewards, GAE (optionally whitened), and the update's arrays.
+
+    Returns:
+      ``(rewards [B, L], data)`` with ``data`` as :func:`rollout_data` gives it.
+    """
+    mask = rollout.output.response_mask
+    rewards = token_rewards(
+        rollout.scores, rollout.old_logprobs, rollout.ref_logprobs, mask, kl_coef, update
+    )
+    advantages, returns = gae_advantages(
+        rewards, rollout.old_values, mask, gamma=update.gamma, lam=update.lam
+    )
+    if update.whiten_advantages:
+        advantages = whiten(advantages, mask)
+    return rewards, rollout_data(rollout, advantages, returns)
+
+
+def single_pass_update(
+    forward: ActorCriticFn,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    output: SampleOutput,
+    ref_logprobs: Array,
+    scores: Array,
+    update: PPOUpdateConfig,
+) -> tuple[TrainState, Metrics, Rollout, Array]:
+    """Steps 3–5 when the update is one pass over the whole rollout, sharing its forward pass.
+
+    With one epoch of one minibatch (and one micro-batch) the only gradient step is taken
+    at ``θ = θ_old``, so ``π_old`` and ``V_old`` are the update's own forward pass under a
+    stop-gradient: ``log π_old = sg(log π_θ)``, ``V_old = sg(V_θ)`` (the ratio is 1 with
+    gradient ``∇ log π_θ``). Rewards, GAE and whitening are computed from these inside the
+    loss, so the iteration needs no separate π_old/value forward pass, and the result is
+    the :func:`ppo_epochs` update on a :func:`sample_rollout` rollout up to float rounding.
+
+    Args:
+      forward: :func:`actor_critic_forward`.
+      tx: the optax transformation of ``state.opt_state``.
+      state: the training state.
+      output: the sampler's output.
+      ref_logprobs: ``[B, L]`` the reference's per-token log-probs.
+      scores: ``[B]`` the reward model's scores.
+      update: the update's hyper-parameters (``epochs = num_minibatches =
+        num_micro_batches = 1``).
+
+    Returns:
+      ``(state, metrics, rollout, rewards)`` as the multi-pass path produces them.
+    """
+    kl_coef = state.extra["kl_coef"]
+    tokens, attention_mask, mask = output.tokens, output.attention_mask, output.response_mask
+
+    def loss_fn(params: PyTree) -> tuple[Array, tuple[Metrics, Array, Array, Array]]:
+        logits, scalars = forward(params, tokens, attention_mask)
+        old_logprobs, _ = response_logprobs(jax.lax.stop_gradient(logits), tokens, mask)
+        old_values = state_values(jax.lax.stop_gradient(scalars["reward"]), mask)
+        rollout = Rollout(output, old_logprobs, ref_logprobs, old_values, scores)
+        rewards, data = advantage_data(rollout, kl_coef, update)
+        loss, metrics = actor_critic_loss(logits, scalars, data, ("reward",), update, kl_coef)
+        denominator = jnp.maximum(metrics.pop("denominator"), jnp.finfo(jnp.float32).tiny)
+        return loss / denominator, (metrics, old_logprobs, old_values, rewards)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics, old_logprobs, old_values, rewards = aux
+    state, guard = state.apply_finite_gradients(grads, tx, loss=loss)
+    metrics = {k: v.astype(jnp.float32) for k, v in metrics.items()}
+    rollout = Rollout(output, old_logprobs, ref_logprobs, old_values, scores)
+    return state, {**metrics, **guard, "loss": loss}, rollout, rewards
 
 
 def rollout_data(rollout: Rollout, advantages: Array, returns: Array) -> dict[str, Array]:
@@ -328,7 +432,9 @@ def make_ppo_step(models: PPOModels, tx: optax.GradientTransformation, config: P
 
     Returns:
       The step. ``prompts`` holds left-padded ``input_ids`` and ``attention_mask``
-      ``[B, P]``. Metrics: ``reward_score`` (mean reward-model score), ``kl`` (mean
+      ``[B, P]``. With one epoch of one minibatch and one micro-batch the update shares
+      its forward pass with π_old and the old values (:func:`single_pass_update`).
+      Metrics: ``reward_score`` (mean reward-model score), ``kl`` (mean
       sequence KL to the reference under the configured estimator), ``kl_coef`` (β used
       for this rollout), ``non_score_reward`` (mean ``Σ_t r_t − R``), ``response_length``,
       ``eos_fraction``, the loss terms, ``clip_fraction``, ``approx_kl``, ``loss``,
@@ -336,26 +442,26 @@ def make_ppo_step(models: PPOModels, tx: optax.GradientTransformation, config: P
     """
     forward = actor_critic_forward(models)
     update = config.update
+    single_pass = update.epochs == update.num_minibatches == update.num_micro_batches == 1
 
     def step(
         state: TrainState, prompts: Mapping[str, Array], rng: Array
     ) -> tuple[TrainState, Metrics]:
         sample_key, update_key = jax.random.split(rng)
+        kl_coef = state.extra["kl_coef"]
+        if single_pass:
+            output, ref_logprobs, scores = sample_and_score(
+                models, state, prompts, sample_key, sampling=config.sampling
+            )
+            state, metrics, rollout, rewards = single_pass_update(
+                forward, tx, state, output, ref_logprobs, scores, update
+            )
+            return finish_iteration(state, metrics, rollout, rewards, config)
         rollout = sample_rollout(
             models, forward, state, prompts, sample_key, sampling=config.sampling
         )
-        mask = rollout.output.response_mask
-        kl_coef = state.extra["kl_coef"]
-        rewards = token_rewards(
-            rollout.scores, rollout.old_logprobs, rollout.ref_logprobs, mask, kl_coef, update
-        )
-        advantages, returns = gae_advantages(
-            rewards, rollout.old_values, mask, gamma=update.gamma, lam=update.lam
-        )
-        if update.whiten_advantages:
-            advantages = whiten(advantages, mask)
+        rewards, data = advantage_data(rollout, kl_coef, update)
         loss_fn = actor_critic_sum_loss(forward, ("reward",), update, kl_coef)
-        data = rollout_data(rollout, advantages, returns)
         state, metrics = ppo_epochs(loss_fn, tx, state, data, update_key, config=update)
         return finish_iteration(state, metrics, rollout, rewards, config)
 

@@ -188,54 +188,78 @@ def actor_critic_sum_loss(
 
     def loss_fn(params: PyTree, batch: Mapping[str, Array], rng: Array) -> tuple[Array, Metrics]:
         del rng
-        mask = batch["response_mask"]
         logits, scalars = forward(params, batch["tokens"], batch["attention_mask"])
-        logp, _ = response_logprobs(logits, batch["tokens"], mask)
-        loss, metrics = ppo_policy_loss(
-            logp,
-            batch["old_logprobs"],
-            batch["advantages"],
+        return actor_critic_loss(logits, scalars, batch, critics, config, kl_coef)
+
+    return loss_fn
+
+
+def actor_critic_loss(
+    logits: Array,
+    scalars: Mapping[str, Array],
+    batch: Mapping[str, Array],
+    critics: Sequence[str],
+    config: PPOUpdateConfig,
+    kl_coef: Array,
+) -> tuple[Array, Metrics]:
+    """The summed PPO objective of :func:`actor_critic_sum_loss` from a forward pass's outputs.
+
+    Args:
+      logits: ``[B, L, V]`` the policy's logits on ``batch["tokens"]``.
+      scalars: per critic, its ``[B, L]`` scalars on the same tokens.
+      batch: the rollout arrays (keys as in :func:`actor_critic_sum_loss`).
+      critics: the critics' names.
+      config: the update's hyper-parameters.
+      kl_coef: β of the ``kl_mode="loss"`` term.
+
+    Returns:
+      ``(Σ loss, metrics)`` with ``denominator`` and each term as a mean.
+    """
+    mask = batch["response_mask"]
+    logp, _ = response_logprobs(logits, batch["tokens"], mask)
+    loss, metrics = ppo_policy_loss(
+        logp,
+        batch["old_logprobs"],
+        batch["advantages"],
+        mask,
+        clip_eps=config.clip_eps,
+        normalisation=config.normalisation,
+        reduction="sum",
+    )
+    denominator = jnp.maximum(metrics["denominator"], 1.0)
+    metrics = {**metrics, "policy_loss": loss / denominator}
+    for name in critics:
+        value_loss, value_metrics = ppo_value_loss(
+            state_values(scalars[name], mask),
+            batch[f"{name}_old_values"],
+            batch[f"{name}_returns"],
             mask,
-            clip_eps=config.clip_eps,
+            clip_eps=config.value_clip_eps,
             normalisation=config.normalisation,
             reduction="sum",
         )
-        denominator = jnp.maximum(metrics["denominator"], 1.0)
-        metrics = {**metrics, "policy_loss": loss / denominator}
-        for name in critics:
-            value_loss, value_metrics = ppo_value_loss(
-                state_values(scalars[name], mask),
-                batch[f"{name}_old_values"],
-                batch[f"{name}_returns"],
-                mask,
-                clip_eps=config.value_clip_eps,
-                normalisation=config.normalisation,
-                reduction="sum",
-            )
-            loss = loss + config.value_coef * value_loss
-            metrics[f"{name}_value_loss"] = value_loss / denominator
-            metrics[f"{name}_value_clip_fraction"] = value_metrics["value_clip_fraction"]
-        if config.entropy_coef > 0.0:
-            entropy_loss, _ = entropy_bonus_loss(
-                predicting_logits(logits),
-                mask,
-                normalisation=config.normalisation,
-                reduction="sum",
-            )
-            loss = loss + config.entropy_coef * entropy_loss
-            metrics["entropy_loss"] = entropy_loss / denominator
-        if config.kl_mode == "loss":
-            kl_term, _ = reduce_tokens(
-                kl_k3(logp, batch["ref_logprobs"]),
-                mask,
-                normalisation=config.normalisation,
-                reduction="sum",
-            )
-            loss = loss + kl_coef * kl_term
-            metrics["kl_loss"] = kl_term / denominator
-        return loss, metrics
-
-    return loss_fn
+        loss = loss + config.value_coef * value_loss
+        metrics[f"{name}_value_loss"] = value_loss / denominator
+        metrics[f"{name}_value_clip_fraction"] = value_metrics["value_clip_fraction"]
+    if config.entropy_coef > 0.0:
+        entropy_loss, _ = entropy_bonus_loss(
+            predicting_logits(logits),
+            mask,
+            normalisation=config.normalisation,
+            reduction="sum",
+        )
+        loss = loss + config.entropy_coef * entropy_loss
+        metrics["entropy_loss"] = entropy_loss / denominator
+    if config.kl_mode == "loss":
+        kl_term, _ = reduce_tokens(
+            kl_k3(logp, batch["ref_logprobs"]),
+            mask,
+            normalisation=config.normalisation,
+            reduction="sum",
+        )
+        loss = loss + kl_coef * kl_term
+        metrics["kl_loss"] = kl_term / denominator
+    return loss, metrics
 
 
 def ppo_epochs(

@@ -15,11 +15,15 @@ from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps.ppo import (
     PPOConfig,
     PPOModels,
+    actor_critic_forward,
+    advantage_data,
+    finish_iteration,
     init_ppo_extra,
     make_ppo_step,
+    sample_rollout,
     token_rewards,
 )
-from rlhf_jax.train.steps.rollout import PPOUpdateConfig
+from rlhf_jax.train.steps.rollout import PPOUpdateConfig, actor_critic_sum_loss, ppo_epochs
 
 TINY = ModelConfig(
     architecture="llama",
@@ -131,3 +135,53 @@ def test_first_rollout_has_zero_kl_to_an_identical_reference(trajectory):
     # reference's per-token log-probs are computed on the same alignment, so KL is 0.
     assert abs(trajectory["history"][0]["kl"]) < 1e-5
     assert trajectory["history"][-1]["kl"] > 0.0
+
+
+@pytest.mark.parametrize("kl_mode", ["reward", "loss"])
+def test_single_pass_update_equals_the_rollout_forward_then_ppo_epochs(kl_mode):
+    # One epoch of one minibatch: the step takes π_old and V_old from the update's own
+    # forward pass. It must equal the general path composed from the public pieces (a
+    # separate π_old/value forward, then ppo_epochs). Same float32 maths in a different
+    # fusion/summation order, so 1e-5 relative on metrics and 1e-6 absolute on parameters
+    # (Adam's first step moves each parameter by ~lr = 1e-2, far above that).
+    policy_graphdef, policy_params = nnx.split(Decoder(TINY, rngs=nnx.Rngs(0)))
+    critic_graphdef, params = nnx.split(
+        PolicyWithValueHead(TINY, rngs=nnx.Rngs(1), policy=Decoder(TINY, rngs=nnx.Rngs(3)))
+    )
+    reward_graphdef, reward_params = nnx.split(ScalarModel(TINY, rngs=nnx.Rngs(2)))
+    models = PPOModels(policy_graphdef, critic_graphdef, reward_graphdef, shared_critic=True)
+    tx = optax.adam(1e-2)
+    config = PPOConfig(
+        sampling=SamplingConfig(max_new_tokens=NEW, eos_id=1),
+        update=PPOUpdateConfig(epochs=1, num_minibatches=1, kl_mode=kl_mode, entropy_coef=0.01),
+    )
+    extra = init_ppo_extra(reference_params=policy_params, reward_params=reward_params, kl_coef=0.1)
+    state = TrainState.create(params, tx, rng=0, extra=extra)
+    rng = jax.random.key(7)
+
+    def general_path(state, batch, rng):
+        sample_key, update_key = jax.random.split(rng)
+        forward = actor_critic_forward(models)
+        rollout = sample_rollout(
+            models, forward, state, batch, sample_key, sampling=config.sampling
+        )
+        kl_coef = state.extra["kl_coef"]
+        rewards, data = advantage_data(rollout, kl_coef, config.update)
+        loss_fn = actor_critic_sum_loss(forward, ("reward",), config.update, kl_coef)
+        state, metrics = ppo_epochs(loss_fn, tx, state, data, update_key, config=config.update)
+        return finish_iteration(state, metrics, rollout, rewards, config)
+
+    fused_state, fused = jax.jit(make_ppo_step(models, tx, config))(state, prompts(), rng)
+    general_state, general = jax.jit(general_path)(state, prompts(), rng)
+    assert set(fused) == set(general)
+    for name in general:
+        np.testing.assert_allclose(fused[name], general[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    moved = jax.tree.map(
+        lambda a, b: float(jnp.max(jnp.abs(a - b))), state.params, fused_state.params
+    )
+    assert max(jax.tree.leaves(moved)) > 1e-3
+    leaves = zip(
+        jax.tree.leaves(fused_state.params), jax.tree.leaves(general_state.params), strict=True
+    )
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, atol=1e-6)
