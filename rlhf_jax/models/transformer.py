@@ -106,10 +106,23 @@ class Projection(nnx.Module):
         )
 
     def __call__(self, x: Array) -> Array:
-        """Apply the projection in the compute dtype."""
-        y = jnp.tensordot(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.num_in_axes
-        )
+        """Apply the projection in the compute dtype.
+
+        The contraction is one 2-D matmul ``[N, I] @ [I, O]`` over the flattened leading
+        axes (``N``) and the flattened input (``I``) and output (``O``) axes; both reshapes
+        are free. Written as a tensordot over 3-D operands instead, XLA's CPU backend
+        transposes the activation and its gradient before each weight-gradient matmul
+        (``[B, T, ·] → [·, B, T]``), copies that cost about a sixth of a training step
+        (``benchmarks/dpo_step.py``); the 2-D form needs none.
+        """
+        kernel = self.kernel[...].astype(self.dtype)
+        in_shape = kernel.shape[: self.num_in_axes]
+        out_shape = kernel.shape[self.num_in_axes :]
+        lead = x.shape[: x.ndim - self.num_in_axes]
+        y = jnp.dot(
+            x.astype(self.dtype).reshape(math.prod(lead), math.prod(in_shape)),
+            kernel.reshape(math.prod(in_shape), math.prod(out_shape)),
+        ).reshape(*lead, *out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -418,21 +431,18 @@ class Decoder(nnx.Module):
         return self.final_norm(x), new_cache
 
     def logits_from_hidden(self, hidden: Array) -> Array:
-        """Float32 logits ``[..., V]`` from final-normed hidden states ``[..., E]``."""
+        """Float32 logits ``[..., V]`` from final-normed hidden states ``[..., E]``.
+
+        One 2-D matmul over the flattened leading axes, as in :class:`Projection`.
+        """
         dtype = jnp.dtype(self.config.dtype)
+        flat = hidden.astype(dtype).reshape(-1, hidden.shape[-1])
         if self.lm_head is None:
-            return jnp.einsum(
-                "...e,ve->...v",
-                hidden.astype(dtype),
-                self.token_embedding[...].astype(dtype),
-                preferred_element_type=jnp.float32,
-            )
-        return jnp.einsum(
-            "...e,ev->...v",
-            hidden.astype(dtype),
-            self.lm_head[...].astype(dtype),
-            preferred_element_type=jnp.float32,
-        )
+            kernel = self.token_embedding[...].astype(dtype).T
+        else:
+            kernel = self.lm_head[...].astype(dtype)
+        logits = jnp.dot(flat, kernel, preferred_element_type=jnp.float32)
+        return logits.reshape(*hidden.shape[:-1], kernel.shape[-1])
 
     def hidden(
         self,
