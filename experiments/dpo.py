@@ -18,11 +18,17 @@ than the pair get their extra rows here:
   label contradicts the gold reward has no rationale (``has_rationale = 0``): an
   annotator who preferred the worse reply has no reason to give.
 
+``config.flip_preferences=True`` swaps the chosen and rejected reply of every training and
+held-out pair (:func:`flip_preferences`): the run learns the *reverse* preference, the
+reverse DPO model of AlignDistil's contrastive teacher (Zhang et al., 2025), and its
+held-out accuracy and margins are measured against the flipped labels too.
+
 ``python experiments/dpo.py --config=experiments/configs/dpo.py --workdir=runs/dpo
 --config.init_from=runs/sft``
 """
 
 import collections
+import dataclasses
 import inspect
 import pathlib
 import sys
@@ -55,6 +61,7 @@ SCHEMA = {
     "reference": Field(str, choices=("in_step", "precomputed")),
     "prompt_length": Field(int, minimum=1),
     "explore_max_new_tokens": Field(int, minimum=1),
+    "flip_preferences": Field(bool),
 }
 SHARED_ARGUMENTS = ("chosen_lengths", "rejected_lengths", "reduction")
 GROUP_KEYS = ("input_ids", "attention_mask", "response_mask")
@@ -91,6 +98,11 @@ def validate_hyper(config: ml_collections.ConfigDict) -> dict:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ConfigError(f"config.hyper.{key}: got {value!r}; expected a number or string")
     return config.hyper.to_dict()
+
+
+def flip_preferences(pairs: tuple[PreferencePair, ...]) -> tuple[PreferencePair, ...]:
+    """The pairs with the helpfulness label reversed: the rejected reply becomes the chosen."""
+    return tuple(dataclasses.replace(p, better_response_id=1 - p.better_response_id) for p in pairs)
 
 
 def rationale_text(prompt: str, chosen: str, rejected: str) -> str | None:
@@ -208,6 +220,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     architecture = common.model_config(config, tokenizer)
     graphdef, params = split_model(common.build_decoder(config, architecture))
     reference_params = jax.tree.map(lambda x: x.copy(), params)
+    train_pairs, heldout_pairs = task.preference_train, task.preference_heldout
+    if config.flip_preferences:
+        train_pairs, heldout_pairs = flip_preferences(train_pairs), flip_preferences(heldout_pairs)
     train, heldout = (
         with_extra_groups(
             config,
@@ -216,7 +231,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             tokenizer,
             (graphdef, reference_params),
         )
-        for pairs in (task.preference_train, task.preference_heldout)
+        for pairs in (train_pairs, heldout_pairs)
     )
     if config.reference == "precomputed":
         train, heldout = (
@@ -243,6 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     common.export_params(workdir, "policy", state.params, architecture)
     summary = {
         "loss_name": config.loss_name,
+        "flip_preferences": config.flip_preferences,
         "steps": run_summary.final_step,
         "train_loss_first": history[0]["loss"],
         "train_loss_last": history[-1]["loss"],

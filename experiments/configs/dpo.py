@@ -2,7 +2,8 @@
 
 ``python experiments/dpo.py --config=experiments/configs/dpo.py --workdir=runs/dpo
 --config.init_from=runs/sft`` (the SFT policy is both the start and the reference);
-``--config.loss_name=ipo --config.hyper.beta=0.5`` switches the loss.
+``--config.loss_name=ipo --config.hyper.beta=0.5`` switches the loss;
+``--config.flip_preferences=True`` trains the reverse DPO model (chosen and rejected swapped).
 """
 
 import ml_collections
@@ -18,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.reference = "in_step"
     config.prompt_length = 80  # SELM: prompt width when sampling from the reference
     config.explore_max_new_tokens = 96  # SELM: length of the reference samples
+    config.flip_preferences = False  # True: learn the reverse preference (AlignDistil)
     config.optimizer.learning_rate = 2e-4
     config.batch_size = 8
     config.optimizer.warmup_steps = 10
