@@ -13,12 +13,17 @@ reference and DPO log-probabilities (the paper's equivalence theorem). The contr
 preferences) gives the teacher ``z_ref + c (z_dpo − z_rdpo)``; with the DPO model as the
 anchor (``ref_logits=dpo_logits``) this is the extrapolation ``(1 + c) z_dpo − c z_rdpo``
 between the two models that the paper's Figure 1 depicts. The token-adaptive
-extrapolation makes c depend on the step: where the DPO and reverse DPO distributions
-disagree a lot the step is informative and a small c suffices; where they nearly agree,
-c is larger. ``adaptive_coefficient`` implements this as ``c_t = min(c_max, κ / TV_t)`` with
-``TV_t = ½ Σ_a |π_dpo(a|s_t) − π_rdpo(a|s_t)|`` (our reading of §3.3: inversely proportional
-to the disagreement, capped); κ and c_max are explicit, and any other rule can be passed to
-``teacher_logp`` as a per-token coefficient.
+extrapolation (§3.3) gives every step its own ``β_t`` and hence its own ``c_t = β_d/β_t``:
+
+    c_t = κ ‖π_dpo(·|s_t) − π_rdpo(·|s_t)‖₁ + ε,     β_t = β_d / c_t,
+
+so a step where the DPO and reverse DPO models disagree (a token the contrastive reward
+says much about) is extrapolated further and held less tightly, and a step where they
+agree stays near the anchor (``adaptive_coefficient``; ε = 10⁻³ keeps ``c_t > 0``). This is
+the rule of the authors' released implementation (the L1 distance, twice the total
+variation, scaled by κ); the per-token objective is then ``Σ_t β_t KL_t``, i.e. the KL at
+step t weighted by ``1/c_t`` relative to β_d (``align_distil_loss``'s ``token_weights``).
+Any other rule can be passed to ``teacher_logp`` as a per-token coefficient.
 
 The distillation loss is the per-token KL between the student and the (stop-gradient)
 teacher, reverse ``KL(π_θ ‖ π_T)`` (the form that appears in J) or forward
@@ -78,14 +83,23 @@ def adaptive_coefficient(
     reverse_dpo_logits: Array,
     *,
     scale: float,
-    max_coefficient: float,
+    floor: float = 1e-3,
 ) -> Array:
-    """Token-adaptive extrapolation ``c_t = min(c_max, κ / TV_t)``, ``[...]`` (module docstring)."""
+    """Token-adaptive extrapolation ``c_t = κ ‖π_dpo − π_rdpo‖₁ + ε``, ``[...]`` (module docstring).
+
+    Args:
+      dpo_logits: ``[..., V]`` logits of the DPO model.
+      reverse_dpo_logits: ``[..., V]`` logits of the reverse DPO model.
+      scale: κ.
+      floor: ε, the coefficient where the two models agree exactly.
+
+    Returns:
+      ``[...]`` the per-step coefficient ``c_t``.
+    """
     chex.assert_equal_shape([dpo_logits, reverse_dpo_logits])
     p = jax.nn.softmax(dpo_logits, axis=-1)
     q = jax.nn.softmax(reverse_dpo_logits, axis=-1)
-    total_variation = 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
-    return jnp.minimum(max_coefficient, scale / jnp.maximum(total_variation, 1e-12))
+    return scale * jnp.sum(jnp.abs(p - q), axis=-1) + floor
 
 
 def align_distil_loss(
@@ -94,9 +108,13 @@ def align_distil_loss(
     mask: Array,
     *,
     direction: Direction = "reverse",
+    token_weights: Array | None = None,
     reduction: Reduction = "mean",
 ) -> tuple[Array, dict[str, Array]]:
     """Per-token distillation ``KL(π_θ ‖ π_T)`` (reverse) or ``KL(π_T ‖ π_θ)`` (forward).
+
+    ``L = Σ_t m_t w_t KL_t / Σ_t m_t`` (``"mean"``) with ``w_t`` the ``token_weights`` (1
+    by default; the adaptive rule's ``1/c_t``, module docstring).
 
     Args:
       policy_logits: ``[B, T, V]`` student logits at each response position.
@@ -105,6 +123,7 @@ def align_distil_loss(
       mask: ``[B, T]`` token weights (1 on response tokens; exact prefix probabilities for
         a population objective).
       direction: ``"reverse"`` or ``"forward"``.
+      token_weights: optional ``[B, T]`` weights of the per-token KL (constants).
       reduction: ``"mean"`` (per token) or ``"sum"``.
 
     Returns:
@@ -122,6 +141,9 @@ def align_distil_loss(
         per_token = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
     else:
         raise ValueError(f"direction must be 'reverse' or 'forward', got {direction!r}")
+    if token_weights is not None:
+        chex.assert_equal_shape([token_weights, mask])
+        per_token = per_token * jax.lax.stop_gradient(token_weights)
     loss, denominator = reduce_loss(per_token, mask, reduction=reduction)
     agree = (jnp.argmax(student, -1) == jnp.argmax(teacher, -1)).astype(per_token.dtype)
     return loss, {"denominator": denominator, "teacher_agreement": reduce_loss(agree, mask)[0]}

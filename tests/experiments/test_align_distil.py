@@ -1,3 +1,4 @@
+import math
 import pathlib
 import sys
 
@@ -70,3 +71,29 @@ def test_align_distil_needs_a_dpo_run(tmp_path, policies):
     config.dpo_from = ""
     with pytest.raises(ConfigError, match=r"config\.dpo_from must name"):
         align_distil.run(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("teacher, adaptive", [("contrastive", False), ("dpo", True)])
+def test_a_teacher_that_reads_the_reverse_dpo_model_needs_its_run(
+    tmp_path, policies, teacher, adaptive
+):
+    config = distil_config(policies, 1)
+    config.teacher, config.adaptive = teacher, adaptive
+    with pytest.raises(ConfigError, match=r"config\.reverse_dpo_from must name"):
+        align_distil.run(config, str(tmp_path))
+    config.teacher = "contrastiv"
+    with pytest.raises(ConfigError, match=r"config\.teacher"):
+        align_distil.run(config, str(tmp_path))
+
+
+def test_contrastive_adaptive_run_reports_the_mean_coefficient(tmp_path, policies):
+    config = distil_config(policies, 4)
+    # The start policy stands in for the reverse DPO run: the step treats it as π_rdpo.
+    config.reverse_dpo_from = policies[0]
+    config.teacher, config.adaptive = "contrastive", True
+    config.adaptive_scale = 0.5
+    summary = align_distil.run(config, str(tmp_path))
+    assert summary["teacher"] == "contrastive" and summary["adaptive"] is True
+    # c_t = κ‖π_dpo − π_rdpo‖₁ + 10⁻³ lies in [10⁻³, 2κ + 10⁻³] token by token, so does its mean.
+    assert 1e-3 <= summary["coefficient_mean"] <= 1.0 + 1e-3
+    assert math.isfinite(summary["eval_kl"])  # the evaluation measures the KL to the reference

@@ -38,13 +38,26 @@ def test_teacher_is_the_geometric_mixture_of_reference_and_dpo(models):
     )
 
 
-def test_adaptive_coefficient_is_capped_inverse_total_variation(models):
+def test_adaptive_coefficient_grows_with_the_l1_disagreement_of_the_two_models(models):
     dpo, rev = (np.asarray(jax.nn.softmax(m, -1), np.float64) for m in models[1:])
-    tv = 0.5 * np.abs(dpo - rev).sum(-1)
-    coefficient = ad.adaptive_coefficient(models[1], models[2], scale=0.2, max_coefficient=2.0)
-    np.testing.assert_allclose(coefficient, np.minimum(2.0, 0.2 / tv), rtol=1e-5)
-    identical = ad.adaptive_coefficient(models[1], models[1], scale=0.2, max_coefficient=2.0)
-    np.testing.assert_allclose(identical, 2.0)
+    l1 = np.abs(dpo - rev).sum(-1)
+    coefficient = ad.adaptive_coefficient(models[1], models[2], scale=15.0)
+    np.testing.assert_allclose(coefficient, 15.0 * l1 + 1e-3, rtol=1e-5)
+    # Identical models: only the floor ε is left.
+    identical = ad.adaptive_coefficient(models[1], models[1], scale=15.0, floor=0.01)
+    np.testing.assert_allclose(identical, 0.01, rtol=1e-6)
+
+
+def test_token_weights_scale_each_positions_kl_but_not_the_denominator(models):
+    student, teacher = models[0][:2], jax.nn.log_softmax(models[1][:2], -1)
+    mask = jnp.ones(student.shape[:2]).at[0, -1].set(0.0)
+    weights = jax.random.uniform(jax.random.PRNGKey(3), mask.shape, minval=0.1, maxval=2.0)
+    p = np.exp(np.asarray(jax.nn.log_softmax(student, -1), np.float64))
+    kl = np.sum(p * (np.log(p) - np.asarray(teacher, np.float64)), -1)
+    loss, metrics = ad.align_distil_loss(student, teacher, mask, token_weights=weights)
+    m, w = np.asarray(mask), np.asarray(weights)
+    np.testing.assert_allclose(loss, np.sum(m * w * kl) / np.sum(m), rtol=1e-5)
+    assert float(metrics["denominator"]) == float(np.sum(m))
 
 
 def rlhf_objective(student, ref, dpo, beta):
