@@ -68,14 +68,75 @@ class ScalarModel(nnx.Module):
         *,
         positions: Array | None = None,
         attention_mask: Array | None = None,
+        dropout_rate: float = 0.0,
+        dropout_key: Array | None = None,
     ) -> Array:
-        """Per-token scalars ``[B, T]`` (float32) for ``tokens [B, T]``."""
-        hidden = self.trunk.hidden(tokens, positions=positions, attention_mask=attention_mask)
+        """Per-token scalars ``[B, T]`` (float32) for ``tokens [B, T]``.
+
+        ``dropout_rate`` and ``dropout_key`` switch on the trunk's residual dropout
+        (:meth:`rlhf_jax.models.Decoder.__call__`); the default is the deterministic model.
+        """
+        hidden = self.trunk.hidden(
+            tokens,
+            positions=positions,
+            attention_mask=attention_mask,
+            dropout_rate=dropout_rate,
+            dropout_key=dropout_key,
+        )
         return self.head(hidden)
 
-    def score(self, tokens: Array, attention_mask: Array) -> Array:
-        """Sequence scores ``[B]``: the scalar at each sequence's last real token."""
-        return sequence_score(self(tokens, attention_mask=attention_mask), attention_mask)
+    def score(
+        self,
+        tokens: Array,
+        attention_mask: Array,
+        *,
+        dropout_rate: float = 0.0,
+        dropout_key: Array | None = None,
+    ) -> Array:
+        """Sequence scores ``[B]``: the scalar at each sequence's last real token.
+
+        ``dropout_rate`` and ``dropout_key`` as in :meth:`__call__`.
+        """
+        scalars = self(
+            tokens,
+            attention_mask=attention_mask,
+            dropout_rate=dropout_rate,
+            dropout_key=dropout_key,
+        )
+        return sequence_score(scalars, attention_mask)
+
+    def score_and_representation(
+        self,
+        tokens: Array,
+        attention_mask: Array,
+        *,
+        dropout_rate: float = 0.0,
+        dropout_key: Array | None = None,
+    ) -> tuple[Array, Array]:
+        """Sequence scores and the representation the head reads, from one trunk pass.
+
+        The representation of sequence ``b`` is its final-normed hidden state at the last
+        real token, ``h_b = hidden[b, last(b)]``, so ``score_b = wᵀ h_b + b₀``: the
+        feature on which Wang et al. (2024, "Secrets of RLHF II", §3) put the contrastive
+        loss.
+
+        Args:
+          tokens: ``[B, T]`` int32 token ids.
+          attention_mask: ``[B, T]``, true/1 on real tokens (either padding side).
+          dropout_rate: residual dropout probability of the trunk (0 = deterministic).
+          dropout_key: PRNG key of the dropout masks, needed when ``dropout_rate > 0``.
+
+        Returns:
+          ``(scores [B] float32, representations [B, E] in the compute dtype)``.
+        """
+        hidden = self.trunk.hidden(
+            tokens,
+            attention_mask=attention_mask,
+            dropout_rate=dropout_rate,
+            dropout_key=dropout_key,
+        )
+        scores = sequence_score(self.head(hidden), attention_mask)
+        return scores, last_token_features(hidden, attention_mask)
 
 
 class PolicyWithValueHead(nnx.Module):
@@ -130,3 +191,19 @@ def sequence_score(scalars: Array, attention_mask: Array) -> Array:
     chex.assert_equal_shape((scalars, attention_mask))
     index = last_token_index(attention_mask)
     return jnp.take_along_axis(scalars, index[:, None], axis=1)[:, 0]
+
+
+def last_token_features(hidden: Array, attention_mask: Array) -> Array:
+    """The feature vector at each sequence's last real token: ``h_b = hidden[b, last(b)]``.
+
+    Args:
+      hidden: ``[B, T, E]`` per-token features.
+      attention_mask: ``[B, T]``, true/1 on real tokens.
+
+    Returns:
+      ``[B, E]`` features, indexed like :func:`sequence_score`.
+    """
+    chex.assert_rank(hidden, 3)
+    chex.assert_equal_shape_prefix((hidden, attention_mask), 2)
+    index = last_token_index(attention_mask)
+    return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]

@@ -22,6 +22,17 @@ initialisation with ``out_shardings`` or a checkpoint restore.
 With a cache, writes past the last slot are clamped by ``lax.dynamic_update_slice``:
 callers keep ``cache_index + T <= S``.
 
+Dropout is a call-time option of the cache-free forward (:meth:`Decoder.hidden`,
+:meth:`Decoder.__call__`), off by default: with ``dropout_rate = p > 0`` and a key, inverted
+dropout (Srivastava et al. 2014; each unit kept with probability ``1 − p`` and scaled by
+``1/(1 − p)``, so its expectation is unchanged) is applied as residual dropout
+(Vaswani et al. 2017, §5.4; GPT-2's embedding and residual dropout, Radford et al. 2019,
+without its dropout of attention probabilities): on the embedding output, and on the
+output of every attention and MLP branch before it is added to the residual stream
+(Llama checkpoints are trained without dropout; the same sites serve them). The
+parameters are the same with and without dropout, and ``p = 0`` runs exactly the
+deterministic program.
+
 Shapes: ``B`` batch, ``T`` new tokens, ``S`` cache slots, ``E`` width, ``H`` query heads,
 ``K`` key/value heads, ``G = H / K``, ``D`` head width, ``M`` MLP width, ``V`` vocabulary.
 """
@@ -324,11 +335,47 @@ class Block(nnx.Module):
         key_mask: Array,
         cached: tuple[Array, Array] | None,
         cache_index: Array | None,
+        dropout_rate: float = 0.0,
+        dropout_key: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array]]:
-        """``x + Attn(Norm x)`` then ``+ MLP(Norm ·)``; also returns the attended K/V."""
+        """``x + Drop(Attn(Norm x))`` then ``+ Drop(MLP(Norm ·))``; also returns the K/V.
+
+        The two branches draw their masks from ``fold_in(dropout_key, 0)`` and
+        ``fold_in(dropout_key, 1)``; ``dropout_rate = 0`` leaves them untouched.
+        """
         attended, kv = self.attn(self.attn_norm(x), positions, key_mask, cached, cache_index)
-        x = x + attended
-        return x + self.mlp(self.mlp_norm(x)), kv
+        x = x + dropout(attended, dropout_rate, site_key(dropout_key, 0))
+        mlp_out = self.mlp(self.mlp_norm(x))
+        return x + dropout(mlp_out, dropout_rate, site_key(dropout_key, 1)), kv
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+    """Inverted dropout: ``x · m / (1 − p)`` with ``m ~ Bernoulli(1 − p)`` elementwise.
+
+    Srivastava et al. (2014); the ``1/(1 − p)`` scaling at training time keeps
+    ``E[output] = x``, so evaluation uses the network unchanged.
+
+    Args:
+      x: any array.
+      rate: the drop probability ``p`` in ``[0, 1)``, a Python float (static).
+      key: PRNG key of the mask; may be ``None`` only when ``rate == 0``.
+
+    Returns:
+      ``x`` itself when ``rate == 0``; otherwise the dropped-out array in ``x``'s dtype.
+    """
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1), got {rate}.")
+    if rate == 0.0:
+        return x
+    if key is None:
+        raise ValueError(f"dropout rate {rate} > 0 needs a dropout_key.")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros((), x.dtype))
+
+
+def site_key(key: Array | None, index: int) -> Array | None:
+    """``fold_in(key, index)``: the key of one dropout site (``None`` stays ``None``)."""
+    return None if key is None else jax.random.fold_in(key, index)
 
 
 def default_positions(attention_mask: Array) -> Array:
@@ -386,11 +433,18 @@ class Decoder(nnx.Module):
         cache: KVCache | None,
         cache_index: Array | None,
         segment_ids: Array | None = None,
+        dropout_rate: float = 0.0,
+        dropout_key: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
         chex.assert_rank(tokens, 2)
         B, T = tokens.shape
         if segment_ids is not None and cache is not None:
             raise ValueError("Decoder: segment_ids (packed rows) cannot be combined with a cache.")
+        if dropout_rate > 0.0 and cache is not None:
+            raise ValueError(
+                f"Decoder: dropout_rate={dropout_rate} cannot be combined with a cache; "
+                "dropout is for the training forward (no cache), decoding runs with rate 0."
+            )
         if cache is None:
             if attention_mask is None:
                 attention_mask = jnp.ones((B, T), jnp.bool_)
@@ -421,10 +475,19 @@ class Decoder(nnx.Module):
         x = self.token_embedding[...][tokens].astype(dtype)
         if self.position_embedding is not None:
             x = x + self.position_embedding[...][positions].astype(dtype)
+        x = dropout(x, dropout_rate, site_key(dropout_key, 0))
         new_keys, new_values = [], []
         for index, layer in enumerate(self.layers):
             cached = None if cache is None else (cache.keys[index], cache.values[index])
-            x, (k, v) = layer(x, positions, key_mask, cached, cache_index)
+            x, (k, v) = layer(
+                x,
+                positions,
+                key_mask,
+                cached,
+                cache_index,
+                dropout_rate,
+                site_key(dropout_key, index + 1),
+            )
             new_keys.append(k)
             new_values.append(v)
         new_cache = None if cache is None else KVCache(tuple(new_keys), tuple(new_values))
@@ -451,9 +514,16 @@ class Decoder(nnx.Module):
         positions: Array | None = None,
         attention_mask: Array | None = None,
         segment_ids: Array | None = None,
+        dropout_rate: float = 0.0,
+        dropout_key: Array | None = None,
     ) -> Array:
-        """Final-normed hidden states ``[B, T, E]`` (no cache), e.g. for scalar heads."""
-        hidden, _ = self._trunk(tokens, positions, attention_mask, None, None, segment_ids)
+        """Final-normed hidden states ``[B, T, E]`` (no cache), e.g. for scalar heads.
+
+        ``dropout_rate`` and ``dropout_key`` switch on residual dropout (module docstring).
+        """
+        hidden, _ = self._trunk(
+            tokens, positions, attention_mask, None, None, segment_ids, dropout_rate, dropout_key
+        )
         return hidden
 
     def __call__(
@@ -465,6 +535,8 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         cache_index: Array | int | None = None,
         segment_ids: Array | None = None,
+        dropout_rate: float = 0.0,
+        dropout_key: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
         """Next-token logits for ``tokens`` (and the updated cache when one is given).
 
@@ -488,11 +560,27 @@ class Decoder(nnx.Module):
           cache: a :class:`KVCache` from :meth:`init_cache`, or ``None``.
           cache_index: int32 scalar (may be traced), the first slot written.
           segment_ids: ``[B, T]`` int ids of the packed sequences (no cache only).
+          dropout_rate: residual dropout probability p in ``[0, 1)`` (a Python float; no
+            cache only). The embedding output uses the mask of ``fold_in(dropout_key, 0)``
+            and block ``i`` the keys ``fold_in(fold_in(dropout_key, i + 1), 0 | 1)`` for
+            its attention and MLP branches. ``0`` (the default) is the deterministic
+            forward, bit for bit.
+          dropout_key: PRNG key of the dropout masks; needed when ``dropout_rate > 0``.
 
         Returns:
           ``(logits [B, T, V] float32, updated cache or None)``.
+
+        Raises:
+          ValueError: ``dropout_rate > 0`` with a cache, or without a ``dropout_key``.
         """
         hidden, new_cache = self._trunk(
-            tokens, positions, attention_mask, cache, cache_index, segment_ids
+            tokens,
+            positions,
+            attention_mask,
+            cache,
+            cache_index,
+            segment_ids,
+            dropout_rate,
+            dropout_key,
         )
         return self.logits_from_hidden(hidden), new_cache

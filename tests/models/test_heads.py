@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,3 +112,51 @@ def test_scalar_model_can_start_from_an_existing_trunk():
     assert model.trunk.config == CONFIG
     with pytest.raises(ValueError, match="config differs"):
         ScalarModel(CONFIG.replace(num_layers=1), rngs=nnx.Rngs(0), trunk=trunk)
+
+
+@pytest.fixture(scope="module")
+def dropout_views(make_noisy_params):
+    """``f(key, rate) -> (scores, representations, per-token values, hidden)`` and the
+    plain (no dropout arguments) scores, on :func:`_batch`."""
+    graphdef, params = make_noisy_params(lambda: ScalarModel(CONFIG, rngs=nnx.Rngs(0)))
+    tokens, mask = _batch()
+
+    @functools.partial(jax.jit, static_argnames="rate")
+    def run(params, key, rate):
+        model = nnx.merge(graphdef, params)
+        dropout = {"dropout_rate": rate, "dropout_key": key}
+        scores, representations = model.score_and_representation(tokens, mask, **dropout)
+        values = model(tokens, attention_mask=mask, **dropout)
+        hidden = model.trunk.hidden(tokens, attention_mask=mask, **dropout)
+        return scores, representations, values, hidden
+
+    plain = jax.jit(lambda p: nnx.merge(graphdef, p).score(tokens, mask))(params)
+    model = nnx.merge(graphdef, params)
+    return (
+        lambda key, rate: tuple(map(np.asarray, run(params, key, rate))),
+        np.asarray(plain),
+        model,
+    )
+
+
+def test_score_and_representation_is_the_head_on_the_last_token_state(dropout_views):
+    run, plain, model = dropout_views
+    last = [5, 8]  # row 0 right-padded, row 1 left-padded
+    kernel = np.asarray(model.head.kernel[...], np.float64)[:, 0]
+    bias = float(model.head.bias[...][0])
+    for rate in (0.0, 0.3):
+        scores, representations, values, hidden = run(jax.random.key(7), rate)
+        assert representations.shape == (2, CONFIG.hidden_size)
+        # The same trunk pass under the same key (same masks): equal up to XLA's
+        # reassociation across the fused programs, i.e. a few float32 ulps.
+        np.testing.assert_allclose(representations, hidden[[0, 1], last], atol=1e-6)
+        np.testing.assert_allclose(scores, values[[0, 1], last], atol=1e-6)
+        # The score is the linear head on the representation (width-32 float32 dot).
+        np.testing.assert_allclose(scores, representations @ kernel + bias, atol=1e-5)
+    # Rate 0 with a key is the model without dropout, bit for bit.
+    np.testing.assert_array_equal(run(jax.random.key(7), 0.0)[0], plain)
+    np.testing.assert_array_equal(run(jax.random.key(8), 0.0)[0], plain)
+    # Rate 0.3: O(1) scores move well beyond rounding, and differently per key.
+    dropped = run(jax.random.key(7), 0.3)[0]
+    assert np.abs(dropped - plain).max() > 1e-2
+    assert np.abs(dropped - run(jax.random.key(8), 0.3)[0]).max() > 1e-2

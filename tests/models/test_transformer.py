@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from rlhf_jax.models import Decoder, KVCache, ModelConfig
+from rlhf_jax.models.transformer import dropout
 
 LOGICAL_NAMES = {"vocab", "embed", "mlp", "heads", "kv_heads", "head_dim", None}
 
@@ -198,3 +201,78 @@ def test_cache_requires_positions_and_index():
     model = nnx.eval_shape(lambda: Decoder(CONFIGS["gpt2"], rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="positions"):
         model(jnp.zeros((1, 1), jnp.int32), cache=model.init_cache(1, 4), cache_index=0)
+
+
+@pytest.fixture(scope="module")
+def dropout_forward(make_noisy_decoder, make_forward):
+    """``(f(key, rate) -> logits, logits without dropout, mask)`` on :func:`_batch`."""
+    model = make_noisy_decoder(CONFIGS["llama"])
+    graphdef, params = nnx.split(model, nnx.Param)
+    tokens, mask = _batch(model.config.vocab_size)
+
+    @functools.partial(jax.jit, static_argnames="rate")
+    def forward(params, key, rate):
+        logits, _ = nnx.merge(graphdef, params)(
+            tokens, attention_mask=mask, dropout_rate=rate, dropout_key=key
+        )
+        return logits
+
+    plain = make_forward(model)(tokens, mask)
+    return lambda key, rate: np.asarray(forward(params, key, rate)), plain, mask
+
+
+def test_dropout_rate_zero_with_a_key_is_the_deterministic_forward(dropout_forward):
+    forward, plain, _ = dropout_forward
+    # Rate 0 leaves the program unchanged (the key is never read): equal bit for bit.
+    np.testing.assert_array_equal(forward(jax.random.key(3), 0.0), plain)
+
+
+def test_dropout_masks_follow_the_key(dropout_forward):
+    forward, plain, mask = dropout_forward
+    first = forward(jax.random.key(1), 0.2)
+    np.testing.assert_array_equal(forward(jax.random.key(1), 0.2), first)
+    second = forward(jax.random.key(2), 0.2)
+    # O(1) logits: dropping a fifth of the residual stream moves them by O(0.1) or more,
+    # far beyond any rounding, and two keys draw different masks.
+    assert np.abs(first - plain)[mask].mean() > 1e-2
+    assert np.abs(first - second)[mask].mean() > 1e-2
+
+
+def test_inverted_dropout_of_embedding_activations(make_noisy_decoder):
+    model = make_noisy_decoder(CONFIGS["llama"])
+    tokens = np.random.RandomState(0).randint(0, model.config.vocab_size, (64, 64))
+    activations = np.asarray(model.token_embedding[...])[tokens]  # [64, 64, 32], no zeros
+    assert np.all(activations != 0)
+    rate = 0.25
+    dropped = np.asarray(dropout(jnp.asarray(activations), rate, jax.random.key(0)))
+    zeroed = dropped == 0
+    n = zeroed.size
+    # Each of the n = 131072 activations is dropped independently with probability p:
+    # the zero fraction has standard deviation √(p(1 − p)/n) ≈ 0.0012; allow 5 of them.
+    assert abs(zeroed.mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+    # Survivors are scaled by 1/(1 − p) (float32 division: 1 ulp) ...
+    np.testing.assert_allclose(dropped[~zeroed], activations[~zeroed] / (1 - rate), rtol=1e-6)
+    # ... so the mean is preserved: Var(out_i) = x_i² p/(1 − p), and the mean of n
+    # independent outputs stays within 5 standard deviations of the mean of the inputs.
+    spread = np.sqrt(np.sum(activations.astype(np.float64) ** 2) * rate / (1 - rate)) / n
+    assert abs(dropped.mean() - activations.mean()) < 5 * spread
+    inputs = jnp.asarray(activations)
+    assert dropout(inputs, 0.0, None) is inputs  # rate 0: no mask drawn, no key needed
+
+
+def test_dropout_refuses_a_cache_and_a_missing_key():
+    model = nnx.eval_shape(lambda: Decoder(CONFIGS["gpt2"], rngs=nnx.Rngs(0)))
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    with pytest.raises(ValueError, match=r"dropout_rate=0\.1 cannot be combined with a cache"):
+        model(
+            tokens,
+            positions=jnp.zeros((1, 2), jnp.int32),
+            cache=model.init_cache(1, 4),
+            cache_index=0,
+            dropout_rate=0.1,
+            dropout_key=jax.random.key(0),
+        )
+    with pytest.raises(ValueError, match="needs a dropout_key"):
+        dropout(jnp.ones(3), 0.1, None)
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        dropout(jnp.ones(3), 1.0, jax.random.key(0))
