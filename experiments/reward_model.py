@@ -27,6 +27,14 @@ Reward-model variants (``model_kind="reward"``, ``reward_loss=...``), each prepa
   class weights balancing the rare positives when ``feedback.balance_classes``. Its
   summary adds the held-out agreement of the learned score's order with the gold reward.
 
+Any pairwise loss can train with residual dropout (``dropout_rate``), and the
+Bradley–Terry, cost and strength losses can add the contrastive term of Secrets of RLHF II
+(Wang et al., 2024, §3): ``contrastive_weight`` β times the SimCSE InfoNCE loss of the
+difference representations ``h_c − h_r`` of two dropout views, at temperature
+``contrastive_temperature`` (``experiments/configs/reward_contrastive.py``). The summary
+then reports the last logged ``train_contrastive_loss`` and ``train_contrastive_accuracy``.
+Evaluation always runs without dropout.
+
 ``python experiments/reward_model.py --config=experiments/configs/reward_model.py
 --workdir=runs/rm --config.init_from=runs/sft``
 """
@@ -65,7 +73,7 @@ from rlhf_jax.train.loop import EpochPermutationSchedule
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps import make_reward_eval, make_reward_step, split_model
 from rlhf_jax.train.steps.common import collect
-from rlhf_jax.train.steps.reward import pair_scores
+from rlhf_jax.train.steps.reward import CONTRASTIVE_LOSSES, pair_scores
 
 PAIR_LOSSES = ("bradley_terry", "plackett_luce", "strength", "heron", "binary_feedback")
 HERON_FACTORS = (
@@ -84,6 +92,9 @@ SCHEMA = {
     "margin": Field(float),
     "label_smoothing": Field(float, minimum=0.0, maximum=0.5),
     "sign_weight": Field(float, minimum=0.0),
+    "contrastive_weight": Field(float, minimum=0.0),
+    "contrastive_temperature": Field(float, minimum=1e-6),
+    "dropout_rate": Field(float, minimum=0.0, maximum=0.9),
     "strength": {
         "ensemble": Field(str),
         "flip_threshold": Field(float),
@@ -278,6 +289,30 @@ def class_weights(config, train: dict) -> dict:
     return {"positive_weight": float(positive), "negative_weight": float(negative)}
 
 
+def dropout_options(config: ml_collections.ConfigDict, loss: str) -> dict:
+    """The step's ``contrastive_weight``, ``contrastive_temperature`` and ``dropout_rate``.
+
+    Raises:
+      ConfigError: ``config.contrastive_weight > 0`` with ``config.dropout_rate == 0``
+        (the two views would be identical) or with a loss outside ``CONTRASTIVE_LOSSES``.
+    """
+    if config.contrastive_weight > 0.0 and config.dropout_rate == 0.0:
+        raise ConfigError(
+            f"config.contrastive_weight={config.contrastive_weight} needs "
+            "config.dropout_rate > 0: the two views of a pair differ only by dropout"
+        )
+    if config.contrastive_weight > 0.0 and loss not in CONTRASTIVE_LOSSES:
+        raise ConfigError(
+            f"config.contrastive_weight={config.contrastive_weight} applies to the losses "
+            f"{CONTRASTIVE_LOSSES}, not {loss!r}"
+        )
+    return {
+        "contrastive_weight": config.contrastive_weight,
+        "contrastive_temperature": config.contrastive_temperature,
+        "dropout_rate": config.dropout_rate,
+    }
+
+
 def gold_agreement(graphdef, params, heldout: dict, batch_size: int) -> float:
     """Fraction of held-out pairs (gold ties excluded) the score orders like the gold reward."""
     chosen, rejected = scores_of(graphdef, params, heldout, batch_size)
@@ -289,6 +324,8 @@ def gold_agreement(graphdef, params, heldout: dict, batch_size: int) -> float:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Train the scalar model, evaluate it on held-out pairs and export it."""
     common.validate(config, SCHEMA)
+    loss = "cost" if config.model_kind == "cost" else config.reward_loss
+    training_options = dropout_options(config, loss)
     tokenizer = common.build_tokenizer(config)
     task = common.build_task(config)
     label = "better" if config.model_kind == "reward" else "safer"
@@ -298,7 +335,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         )
         for pairs in (task.preference_train, task.preference_heldout)
     )
-    loss = "cost" if config.model_kind == "cost" else config.reward_loss
     report = {}
     if loss not in ("cost", "bradley_terry", "plackett_luce"):
         train, heldout, report = label_variants(config, task, train, heldout)
@@ -318,7 +354,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "sign_weight": config.sign_weight,
         **class_weights(config, train),
     }
-    step = make_reward_step(graphdef, tx, num_micro_batches=config.num_micro_batches, **hyper)
+    step = make_reward_step(
+        graphdef,
+        tx,
+        num_micro_batches=config.num_micro_batches,
+        **hyper,
+        **training_options,
+    )
     evaluate = make_reward_eval(graphdef, batch_size=config.eval_batch_size, **hyper)
     schedule = EpochPermutationSchedule(train, config.batch_size, seed=config.seed)
     state = TrainState.create(params, tx, rng=config.seed)
@@ -339,6 +381,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         **label_statistics(config, heldout),
         **{f"heldout_{k}": v for k, v in final.items() if k in ("sign_accuracy",)},
         **{f"train_{k}": v for k, v in report.items()},
+        **{
+            f"train_{k}": history[-1][k]
+            for k in ("contrastive_loss", "contrastive_accuracy")
+            if k in history[-1]
+        },
     }
     if loss == "binary_feedback":
         summary["heldout_gold_agreement"] = gold_agreement(

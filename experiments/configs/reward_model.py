@@ -4,6 +4,8 @@
 --workdir=runs/rm --config.init_from=runs/sft`` (add ``--config.model_kind=cost`` for the
 cost model). ``reward_loss`` selects a variant (``strength``, ``heron``,
 ``binary_feedback``); their settings are the ``strength``, ``heron`` and ``feedback`` keys.
+``contrastive_weight``, ``contrastive_temperature`` and ``dropout_rate`` add the
+contrastive term of Secrets of RLHF II §3 (``reward_contrastive.py``).
 """
 
 import ml_collections
@@ -19,6 +21,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.margin = 0.0
     config.label_smoothing = 0.0
     config.sign_weight = 1.0
+    # Secrets of RLHF II §3 (experiments/configs/reward_contrastive.py): β, τ and the
+    # residual dropout that makes the two views; 0 and 0 train without either.
+    config.contrastive_weight = 0.0
+    config.contrastive_temperature = 0.05
+    config.dropout_rate = 0.0
     config.strength = {
         "ensemble": "",  # comma-separated workdirs of reward-model runs
         "flip_threshold": 0.0,

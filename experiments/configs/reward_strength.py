@@ -2,7 +2,9 @@
 
 An ensemble of earlier reward-model runs measures each pair's preference strength û;
 pairs the ensemble disagrees with (û < 0) are flipped, weak pairs (û < 0.5 after the flip)
-get the soft label 0.9, and every pair the adaptive margin û.
+get the soft label 0.9, and every pair the adaptive margin û. The §3 contrastive term
+combines with it through the keys of ``reward_contrastive.py``
+(``--config.contrastive_weight=0.1 --config.dropout_rate=0.1``).
 ``python experiments/reward_model.py --config=experiments/configs/reward_strength.py
 --workdir=runs/rm_strength --config.init_from=runs/sft
 --config.strength.ensemble=runs/rm_seed0,runs/rm_seed1``

@@ -25,6 +25,18 @@ at the last real token. The losses come from :mod:`rlhf_jax.objectives`:
   of each pair (Han et al., 2025, RLUF), reading the binary ``chosen_feedback`` and
   ``rejected_feedback`` ``[B]``; its denominator counts responses, not pairs.
 
+Wang et al. (2024, "Secrets of RLHF II", §3) add a contrastive term to the pairwise loss,
+``L = L_rm + β · L_cl``. With ``contrastive_weight = β > 0`` the pair batch goes through the
+model twice with residual dropout (``dropout_rate``), under the keys
+:func:`dropout_view_keys` derives from the step's key; ``L_rm`` is computed on the first
+view's scores and ``L_cl`` is the SimCSE InfoNCE loss of the difference representations
+``h_c − h_r`` (last-token hidden states), each pair's second view its positive and the
+other pairs of the (micro-)batch its negatives
+(:func:`rlhf_jax.objectives.reward_strength.preference_contrastive_loss`). Both terms are
+summed over pairs and share the pair denominator, so accumulation divides them alike;
+the contrastive term is offered for the losses whose denominator counts pairs
+(``CONTRASTIVE_LOSSES``). ``dropout_rate > 0`` alone trains with dropout on one view.
+
 The chosen and rejected rows (or the K rows of a list) go through the model in one
 forward pass. Metrics include ``accuracy``: the fraction of pairs the model orders like
 the label (``s_chosen > s_rejected``; for the cost model ``C(rejected) > C(chosen)``; for
@@ -46,7 +58,10 @@ from rlhf_jax.objectives.binary_feedback import weighted_binary_cross_entropy
 from rlhf_jax.objectives.heron import heron_reward_loss
 from rlhf_jax.objectives.listwise import plackett_luce_loss
 from rlhf_jax.objectives.reward_model import bradley_terry_loss, cost_model_loss
-from rlhf_jax.objectives.reward_strength import strength_reward_loss
+from rlhf_jax.objectives.reward_strength import (
+    preference_contrastive_loss,
+    strength_reward_loss,
+)
 from rlhf_jax.train.state import Metrics, PyTree, SumLossFn, TrainState, make_gradient_step
 from rlhf_jax.train.steps.common import (
     Batch,
@@ -70,23 +85,90 @@ PAIR_FIELDS: dict[str, tuple[str, ...]] = {
     "binary_feedback": ("chosen_feedback", "rejected_feedback"),
 }
 """Per-pair ``[B]`` batch arrays each loss reads besides the two rows."""
+CONTRASTIVE_LOSSES = ("bradley_terry", "cost", "strength")
+"""Pairwise losses whose denominator counts pairs, to which the contrastive term can be added."""
 
 
-def pair_scores(graphdef: nnx.GraphDef, params: PyTree, batch: Batch) -> tuple[Array, Array]:
+def pair_scores(
+    graphdef: nnx.GraphDef,
+    params: PyTree,
+    batch: Batch,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_key: Array | None = None,
+) -> tuple[Array, Array]:
     """``(s_chosen [B], s_rejected [B])`` from one forward pass over both rows of each pair."""
     model = nnx.merge(graphdef, params)
-    scores = model.score(concat_pairs(batch, "input_ids"), concat_pairs(batch, "attention_mask"))
+    scores = model.score(
+        concat_pairs(batch, "input_ids"),
+        concat_pairs(batch, "attention_mask"),
+        dropout_rate=dropout_rate,
+        dropout_key=dropout_key,
+    )
     return split_pairs(scores)
 
 
-def list_scores(graphdef: nnx.GraphDef, params: PyTree, batch: Batch) -> Array:
+def pair_scores_and_representations(
+    graphdef: nnx.GraphDef,
+    params: PyTree,
+    batch: Batch,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_key: Array | None = None,
+) -> dict[str, Array]:
+    """Scores ``[B]`` and last-token representations ``[B, E]`` of both rows of each pair.
+
+    One forward pass over ``[2B, L]``
+    (:meth:`rlhf_jax.models.ScalarModel.score_and_representation`).
+
+    Returns:
+      ``{"chosen_scores", "rejected_scores", "chosen_repr", "rejected_repr"}``; the
+      representations in float32.
+    """
+    model = nnx.merge(graphdef, params)
+    scores, representations = model.score_and_representation(
+        concat_pairs(batch, "input_ids"),
+        concat_pairs(batch, "attention_mask"),
+        dropout_rate=dropout_rate,
+        dropout_key=dropout_key,
+    )
+    chosen, rejected = split_pairs(scores)
+    chosen_repr, rejected_repr = split_pairs(representations.astype(jnp.float32))
+    return {
+        "chosen_scores": chosen,
+        "rejected_scores": rejected,
+        "chosen_repr": chosen_repr,
+        "rejected_repr": rejected_repr,
+    }
+
+
+def list_scores(
+    graphdef: nnx.GraphDef,
+    params: PyTree,
+    batch: Batch,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_key: Array | None = None,
+) -> Array:
     """Scores ``[B, K]`` of ranked lists ``input_ids [B, K, L]``, one forward over ``[B·K, L]``."""
     model = nnx.merge(graphdef, params)
     B, K, L = batch["input_ids"].shape
     flat = model.score(
-        batch["input_ids"].reshape(B * K, L), batch["attention_mask"].reshape(B * K, L)
+        batch["input_ids"].reshape(B * K, L),
+        batch["attention_mask"].reshape(B * K, L),
+        dropout_rate=dropout_rate,
+        dropout_key=dropout_key,
     )
     return flat.reshape(B, K)
+
+
+def dropout_view_keys(rng: Array) -> tuple[Array, Array]:
+    """Dropout keys of the two views of a batch: ``(fold_in(rng, 0), fold_in(rng, 1))``.
+
+    The first view feeds the reward loss (it is the only view without the contrastive
+    term); the second supplies the contrastive positives.
+    """
+    return jax.random.fold_in(rng, 0), jax.random.fold_in(rng, 1)
 
 
 def reward_objective(
@@ -163,15 +245,44 @@ def reward_objective(
 
 
 def model_scores(
-    graphdef: nnx.GraphDef, params: PyTree, batch: Batch, loss: RewardLoss
+    graphdef: nnx.GraphDef,
+    params: PyTree,
+    batch: Batch,
+    loss: RewardLoss,
+    *,
+    dropout_rate: float = 0.0,
+    dropout_key: Array | None = None,
 ) -> dict[str, Array]:
     """The scores (and per-pair fields) :func:`reward_objective` needs for ``loss``."""
+    dropout = {"dropout_rate": dropout_rate, "dropout_key": dropout_key}
     if loss == "plackett_luce":
-        return {"ranked_scores": list_scores(graphdef, params, batch)}
-    chosen, rejected = pair_scores(graphdef, params, batch)
+        return {"ranked_scores": list_scores(graphdef, params, batch, **dropout)}
+    chosen, rejected = pair_scores(graphdef, params, batch, **dropout)
     scores = {"chosen_scores": chosen, "rejected_scores": rejected}
     scores.update({name: batch[name] for name in PAIR_FIELDS.get(loss, ())})
     return scores
+
+
+def check_dropout_options(
+    loss: str, *, contrastive_weight: float, contrastive_temperature: float, dropout_rate: float
+) -> None:
+    """Raise ``ValueError`` naming the option when the dropout/contrastive settings conflict."""
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
+    if contrastive_weight < 0.0:
+        raise ValueError(f"contrastive_weight must be >= 0, got {contrastive_weight}")
+    if contrastive_temperature <= 0.0:
+        raise ValueError(f"contrastive_temperature must be > 0, got {contrastive_temperature}")
+    if contrastive_weight > 0.0 and loss not in CONTRASTIVE_LOSSES:
+        raise ValueError(
+            f"contrastive_weight > 0 needs a loss whose denominator counts pairs, one of "
+            f"{CONTRASTIVE_LOSSES}; got loss={loss!r}"
+        )
+    if contrastive_weight > 0.0 and dropout_rate == 0.0:
+        raise ValueError(
+            "contrastive_weight > 0 needs dropout_rate > 0: the two views of a pair differ "
+            "only by their dropout masks"
+        )
 
 
 def reward_sum_loss(
@@ -183,23 +294,69 @@ def reward_sum_loss(
     sign_weight: float = 1.0,
     positive_weight: float = 1.0,
     negative_weight: float = 1.0,
+    contrastive_weight: float = 0.0,
+    contrastive_temperature: float = 0.05,
+    dropout_rate: float = 0.0,
 ) -> SumLossFn:
-    """``loss_fn(params, batch, rng) -> (summed loss, metrics)`` of a scalar model."""
+    """``loss_fn(params, batch, rng) -> (summed loss, metrics)`` of a scalar model.
+
+    With ``contrastive_weight = β > 0`` the summed loss is
+    ``Σ_i ℓ_rm(view 1)_i + β Σ_i ℓ_cl,i`` (module docstring), with the metrics
+    ``contrastive_loss`` (mean ``ℓ_cl`` over the pairs) and ``contrastive_accuracy``.
+    With ``dropout_rate > 0`` the forward uses dropout under ``dropout_view_keys(rng)[0]``;
+    with both at 0 the ``rng`` is unused and the loss is the deterministic one.
+    """
     if loss not in REWARD_LOSSES:
         raise ValueError(f"reward loss must be one of {REWARD_LOSSES}, got {loss!r}")
+    check_dropout_options(
+        loss,
+        contrastive_weight=contrastive_weight,
+        contrastive_temperature=contrastive_temperature,
+        dropout_rate=dropout_rate,
+    )
+    hyper = {
+        "loss": loss,
+        "margin": margin,
+        "label_smoothing": label_smoothing,
+        "sign_weight": sign_weight,
+        "positive_weight": positive_weight,
+        "negative_weight": negative_weight,
+        "reduction": "sum",
+    }
 
     def loss_fn(params: PyTree, batch: Batch, rng: Array) -> tuple[Array, Metrics]:
-        del rng
-        return reward_objective(
-            model_scores(graphdef, params, batch, loss),
-            loss=loss,
-            margin=margin,
-            label_smoothing=label_smoothing,
-            sign_weight=sign_weight,
-            positive_weight=positive_weight,
-            negative_weight=negative_weight,
+        if dropout_rate == 0.0:
+            del rng
+            return reward_objective(model_scores(graphdef, params, batch, loss), **hyper)
+        first_key, second_key = dropout_view_keys(rng)
+        if contrastive_weight == 0.0:
+            scores = model_scores(
+                graphdef, params, batch, loss, dropout_rate=dropout_rate, dropout_key=first_key
+            )
+            return reward_objective(scores, **hyper)
+        first, second = (
+            pair_scores_and_representations(
+                graphdef, params, batch, dropout_rate=dropout_rate, dropout_key=key
+            )
+            for key in (first_key, second_key)
+        )
+        scores = {name: first[name] for name in ("chosen_scores", "rejected_scores")}
+        scores.update({name: batch[name] for name in PAIR_FIELDS.get(loss, ())})
+        rm_sum, metrics = reward_objective(scores, **hyper)
+        contrastive_sum, contrastive = preference_contrastive_loss(
+            first["chosen_repr"],
+            first["rejected_repr"],
+            second["chosen_repr"],
+            second["rejected_repr"],
+            temperature=contrastive_temperature,
             reduction="sum",
         )
+        metrics = {
+            **metrics,
+            "contrastive_loss": jax.lax.stop_gradient(contrastive_sum) / contrastive["denominator"],
+            "contrastive_accuracy": contrastive["accuracy"],
+        }
+        return rm_sum + contrastive_weight * contrastive_sum, metrics
 
     return loss_fn
 
@@ -214,6 +371,9 @@ def make_reward_step(
     sign_weight: float = 1.0,
     positive_weight: float = 1.0,
     negative_weight: float = 1.0,
+    contrastive_weight: float = 0.0,
+    contrastive_temperature: float = 0.05,
+    dropout_rate: float = 0.0,
     num_micro_batches: int = 1,
 ) -> StepFn:
     """The pure reward- or cost-model step ``step(state, batch, rng) -> (state, metrics)``.
@@ -229,11 +389,18 @@ def make_reward_step(
       sign_weight: Safe-RLHF sign-term weight λ.
       positive_weight: binary feedback's w₊.
       negative_weight: binary feedback's w₋.
-      num_micro_batches: micro-batches for gradient accumulation.
+      contrastive_weight: β of the Secrets-II contrastive term (0 = none); needs
+        ``dropout_rate > 0`` and a loss of ``CONTRASTIVE_LOSSES``.
+      contrastive_temperature: the InfoNCE temperature τ (SimCSE's 0.05 by default).
+      dropout_rate: residual dropout of the model during training (0 = none).
+      num_micro_batches: micro-batches for gradient accumulation (the contrastive
+        negatives of a pair are the other pairs of its micro-batch).
 
     Returns:
-      The step (jit it once, state donated). Metrics: ``loss``, ``accuracy``, the
-      objective's own metrics, ``grad_norm``, ``nonfinite``, ``denominator``.
+      The step (jit it once, state donated). Metrics: ``loss`` (including the
+      contrastive term), ``accuracy``, the objective's own metrics, ``grad_norm``,
+      ``nonfinite``, ``denominator``; with the contrastive term also
+      ``contrastive_loss`` and ``contrastive_accuracy``.
     """
     return make_gradient_step(
         reward_sum_loss(
@@ -244,6 +411,9 @@ def make_reward_step(
             sign_weight=sign_weight,
             positive_weight=positive_weight,
             negative_weight=negative_weight,
+            contrastive_weight=contrastive_weight,
+            contrastive_temperature=contrastive_temperature,
+            dropout_rate=dropout_rate,
         ),
         tx,
         num_micro_batches=num_micro_batches,

@@ -205,3 +205,121 @@ def test_binary_feedback_scores_both_replies_of_each_pair():
     # float32 against float64 on 32 terms of size ~1.
     np.testing.assert_allclose(value, expected, rtol=1e-5)
     assert metrics["denominator"] == 2 * size  # replies, not pairs
+
+
+def test_contrastive_and_dropout_off_is_exactly_the_old_loss(model):
+    graphdef, params = model
+    batch = make_pairs(3)
+    old = jax.value_and_grad(reward_sum_loss(graphdef), has_aux=True)
+    new = jax.value_and_grad(
+        reward_sum_loss(
+            graphdef, contrastive_weight=0.0, contrastive_temperature=0.5, dropout_rate=0.0
+        ),
+        has_aux=True,
+    )
+    both = jax.jit(lambda p: (old(p, batch, None), new(p, batch, jax.random.key(1))))
+    ((old_value, old_metrics), old_grads), ((value, metrics), grads) = both(params)
+    # The key is not read and the loss is the old one: equal bit for bit.
+    assert float(old_value) == float(value)
+    jax.tree.map(np.testing.assert_array_equal, old_grads, grads)
+    assert metrics.keys() == old_metrics.keys()
+
+
+def numpy_info_nce(anchors, positives, temperature):
+    """Σ_i −log softmax_j(cos(a_i, p_j)/τ)_i in float64, and the top-1 accuracy."""
+    a = anchors / np.linalg.norm(anchors, axis=1, keepdims=True)
+    p = positives / np.linalg.norm(positives, axis=1, keepdims=True)
+    logits = a @ p.T / temperature
+    shifted = logits - logits.max(1, keepdims=True)
+    log_probs = shifted - np.log(np.sum(np.exp(shifted), axis=1, keepdims=True))
+    return -np.sum(np.diag(log_probs)), np.mean(np.argmax(logits, 1) == np.arange(len(a)))
+
+
+def test_contrastive_loss_is_bradley_terry_plus_weighted_info_nce_of_two_views(model):
+    graphdef, params = model
+    batch = make_pairs(4)
+    weight, temperature, rate = 0.5, 0.1, 0.1
+    loss_fn = reward_sum_loss(
+        graphdef, contrastive_weight=weight, contrastive_temperature=temperature, dropout_rate=rate
+    )
+    rng = jax.random.key(5)
+    tokens = jnp.concatenate([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    mask = jnp.concatenate([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+
+    def view(params, index):
+        """Scores [2B] and representations [2B, E] (chosen rows, then rejected) of view
+        ``index``, under the key the loss documents: ``fold_in(rng, index)``."""
+        return nnx.merge(graphdef, params).score_and_representation(
+            tokens, mask, dropout_rate=rate, dropout_key=jax.random.fold_in(rng, index)
+        )
+
+    def rm(params):
+        scores, _ = view(params, 0)
+        return jnp.sum(jnp.logaddexp(0.0, -(scores[:B] - scores[B:])))
+
+    def contrastive(params, stop_second):
+        (_, first), (_, second) = view(params, 0), view(params, 1)
+        second = jax.lax.stop_gradient(second) if stop_second else second
+        unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+        logits = unit(first[:B] - first[B:]) @ unit(second[:B] - second[B:]).T / temperature
+        return -jnp.sum(jnp.diagonal(jax.nn.log_softmax(logits, axis=-1)))
+
+    @jax.jit
+    def compute(params):
+        (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+        references = (
+            jax.grad(rm)(params),
+            jax.grad(contrastive)(params, False),
+            jax.grad(contrastive)(params, True),
+        )
+        return value, metrics, grads, view(params, 0), view(params, 1), references
+
+    value, metrics, grads, first, second, references = compute(params)
+    (scores, reprs), (_, reprs_view) = jax.tree.map(np.asarray, (first, second))
+    differences = (reprs[:B] - reprs[B:]).astype(np.float64)
+    differences_view = (reprs_view[:B] - reprs_view[B:]).astype(np.float64)
+    rm_sum = np.sum(np.logaddexp(0.0, -(scores[:B] - scores[B:]).astype(np.float64)))
+    nce_sum, nce_accuracy = numpy_info_nce(differences, differences_view, temperature)
+    # float32 against float64 on sums of 8 O(1) terms; cosines over τ = 0.1 reach 10, so
+    # float32 rounding of the logits is ~1e-6 relative: rtol 1e-5.
+    np.testing.assert_allclose(value, rm_sum + weight * nce_sum, rtol=1e-5)
+    np.testing.assert_allclose(metrics["contrastive_loss"], nce_sum / B, rtol=1e-5)
+    assert float(metrics["contrastive_accuracy"]) == pytest.approx(nce_accuracy)
+    # Dropout makes the two views differ, so the positive is not a trivial copy.
+    assert np.abs(differences - differences_view).max() > 1e-3
+    # The gradient is ∇ L_rm(view 1) + β ∇ InfoNCE(view 1, view 2) with the gradient
+    # flowing through both views; the one-sided gradient (view 2 stopped) differs from it
+    # by far more than rounding, so this comparison can tell the two apart.
+    flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])  # noqa: E731
+    rm_grads, two_sided, one_sided = map(flat, references)
+    expected = rm_grads + weight * two_sided
+    scale = np.abs(expected).max()
+    # float32 gradients of the same computation: ~1e-5 of the largest entry.
+    np.testing.assert_allclose(flat(grads), expected, atol=1e-5 * scale)
+    assert np.abs(two_sided - one_sided).max() > 1e-2 * scale
+
+
+def test_dropout_alone_trains_on_one_view_and_bad_settings_are_refused(model):
+    graphdef, params = model
+    batch = make_pairs(5)
+    loss_fn = reward_sum_loss(graphdef, dropout_rate=0.2)
+
+    @jax.jit
+    def compute(params, rng):
+        chosen, rejected = pair_scores(
+            graphdef, params, batch, dropout_rate=0.2, dropout_key=jax.random.fold_in(rng, 0)
+        )
+        return loss_fn(params, batch, rng), bradley_terry_loss(chosen, rejected, reduction="sum")
+
+    (value, metrics), (expected, _) = compute(params, jax.random.key(9))
+    # The same forward under the documented key fold_in(rng, 0): float32 rounding.
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    assert "contrastive_loss" not in metrics
+    (other, _), _ = compute(params, jax.random.key(10))
+    assert abs(float(other) - float(value)) > 1e-4  # another key, another mask
+    with pytest.raises(ValueError, match="needs dropout_rate > 0"):
+        reward_sum_loss(graphdef, contrastive_weight=0.1)
+    with pytest.raises(ValueError, match="denominator counts pairs"):
+        reward_sum_loss(graphdef, loss="plackett_luce", contrastive_weight=0.1, dropout_rate=0.1)
+    with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\)"):
+        reward_sum_loss(graphdef, dropout_rate=1.0)
