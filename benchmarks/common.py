@@ -31,6 +31,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -131,6 +132,22 @@ def report_peak(sizes: Sequence[int] = (1024, 2048), repeats: int = 3) -> float:
     detail = ", ".join(f"{n}: {g:.1f}" for n, g in per_size.items())
     print(f"matmul peak (jax f32, best of {repeats}): {peak:.1f} GFLOP/s ({detail})")
     return peak
+
+
+def report_read_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Measure and print this machine's memory read bandwidth (GB/s) through ``jax.jit``.
+
+    A jitted sum over a float32 array of ``megabytes`` MB (far larger than the caches)
+    reads every byte once; bytes over the best wall time of ``repeats`` calls.
+    """
+    values = jnp.ones((megabytes * 2**20 // 4,), jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds = best_time(lambda: total(values).block_until_ready(), repeats)
+    bandwidth = values.nbytes / seconds / 1e9
+    print(
+        f"memory read bandwidth (jax, {megabytes} MB sum, best of {repeats}): {bandwidth:.1f} GB/s"
+    )
+    return bandwidth
 
 
 def describe(config_name: str, model: Decoder) -> None:

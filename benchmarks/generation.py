@@ -5,8 +5,10 @@ tokens per row on both sides (no EOS id: ours ``eos_id=None``; ``generate`` with
 ``min_new_tokens = max_new_tokens`` and no EOS), KV cache on both, greedy and sampled
 (temperature 1, no top-k/top-p filter), at each batch size. Tokens/s counts generated
 tokens over the wall time of a whole call (prefill included); best of ``--repeats`` calls,
-the two stacks' calls interleaved, after a warm-up (compiling) call. The matmul peak is
-measured in the same run.
+the two stacks' calls interleaved, after a warm-up (compiling) call. The matmul peak and
+the memory read bandwidth are measured in the same run; "weights GB/s" is the parameter
+bytes one decode step reads (every weight once, whatever the batch) times the decode steps
+over our wall time, the figure that bounds batch-1 decoding when it nears the bandwidth.
 
 Run from the repository root::
 
@@ -35,6 +37,7 @@ from benchmarks.common import (
     print_table,
     random_ids,
     report_peak,
+    report_read_bandwidth,
 )
 from rlhf_jax.sampling import SamplingConfig, sample
 
@@ -98,7 +101,9 @@ def main() -> None:
     model = build_decoder(config)
     describe(args.config, model)
     peak = report_peak()
+    bandwidth = report_read_bandwidth()
     graphdef, params = nnx.split(model)
+    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
     torch_model = None
     if not args.skip_torch:
         directory = tempfile.mkdtemp(prefix="bench_generation_")
@@ -115,7 +120,14 @@ def main() -> None:
                 calls["torch"] = torch_generation_call(torch_model, prompts, **kwargs)
             times = interleaved_best_times(calls, args.repeats)
             ours, generated = times["ours"], batch * args.new_tokens
-            row = [mode, batch, f"{generated / ours:,.0f}", f"{ours * 1e3:,.0f}"]
+            weights_rate = weight_bytes * args.new_tokens / ours / 1e9
+            row = [
+                mode,
+                batch,
+                f"{generated / ours:,.0f}",
+                f"{ours * 1e3:,.0f}",
+                f"{weights_rate:.1f}",
+            ]
             if torch_model is not None:
                 theirs = times["torch"]
                 row += [
@@ -124,12 +136,13 @@ def main() -> None:
                     f"{theirs / ours:.2f}x",
                 ]
             rows.append(row)
-    headers = ["mode", "batch", "ours tok/s", "ours ms"]
+    headers = ["mode", "batch", "ours tok/s", "ours ms", "weights GB/s"]
     if torch_model is not None:
         headers += ["generate tok/s", "generate ms", "speed-up"]
     print(
         f"\ngeneration, prompt {args.prompt_len}, {args.new_tokens} new tokens per row "
-        f"(matmul peak {peak:.1f} GFLOP/s):"
+        f"(matmul peak {peak:.1f} GFLOP/s, read bandwidth {bandwidth:.1f} GB/s, "
+        f"{weight_bytes / 1e6:.1f} MB of weights):"
     )
     print_table(headers, rows)
 
