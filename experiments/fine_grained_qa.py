@@ -39,7 +39,8 @@ record whose question and answer alone do not fit is left out and counted
 
 Training. Records are split into training and held-out sets (``heldout_fraction``, by
 record, seeded by ``seed``). Each model is a :class:`rlhf_jax.models.ScalarModel` (on the
-``init_from`` SFT trunk when given) trained by
+language-model pretrained trunk below when ``lm_steps > 0``, else on the ``init_from``
+trunk when given, else on a random one) trained by
 :func:`rlhf_jax.train.steps.fine_grained.make_segment_reward_step`: its per-token scalar
 ``v`` at a sentence's last token regresses onto the sentence's label,
 ``½ Σ_j (v_{T_j} − y_j)²``, so ``v`` estimates the probability that the sentence is
@@ -49,9 +50,22 @@ training and that of the constant training rate, the accuracy of ``v > ½`` agai
 majority-class rate, the balanced accuracy and the AUC (the probability that a flagged
 sentence scores above a clean one, ties counting half).
 
+Pretraining. The paper fine-tunes a pretrained Longformer; here the trunk can first be
+pretrained as a language model on the QA-Feedback text itself (``lm_steps > 0``,
+:func:`pretrain_trunk`): the next-token loss on every token of the training records'
+questions, passages, gold answers and four predictions (:func:`lm_arrays`), never on the
+held-out records, whose text only measures the held-out NLL. Both segment models then
+start from that trunk (exported under ``lm/``, also the policy trunk of
+``fine_grained_qa_ppo.py``). Only ``"prediction 1"`` carries spans in the file (the
+feedback of a record is about it alone), so the other three predictions enter the
+pretraining text but get no labels.
+
 Use as dense rewards. The models are exported under ``c1_rm/`` and ``c2_rm/`` (``scorer``
 and ``model.json``, as a reward-model run leaves them, so
-``experiments.ppo.load_scorer(workdir + "/c1_rm", ...)`` reads them). For PPO, the
+``experiments.ppo.load_scorer(workdir + "/c1_rm", ...)`` reads them), with the data
+settings in ``data.json`` (:func:`save_data_settings`), so that a later run splits the
+records as this one did (:func:`split_examples`); ``fine_grained_qa_ppo.py`` trains a
+policy on them. For PPO, the
 paper's segment reward is ``R_k(j) = 1 − 2 v_k(T_j)`` (+1 for a clean sentence, −1 for a
 flagged one), and the per-token reward of eq. 1 is
 
@@ -72,6 +86,7 @@ on whitespace other than space and newline).
 """
 
 import dataclasses
+import json
 import os
 import pathlib
 import sys
@@ -91,6 +106,7 @@ from scipy.stats import mannwhitneyu
 
 from experiments import common
 from experiments.fine_grained import sentence_token_ids
+from rlhf_jax.data import task_batches
 from rlhf_jax.data.builders import (
     ERROR_TYPES,
     QaFeedback,
@@ -101,7 +117,7 @@ from rlhf_jax.data.builders import (
 )
 from rlhf_jax.data.chat import render_chat
 from rlhf_jax.data.tokenizers import Tokenizer
-from rlhf_jax.models import ScalarModel
+from rlhf_jax.models import ModelConfig, ScalarModel
 from rlhf_jax.objectives.fine_grained import (
     combine_segment_rewards,
     segment_ends,
@@ -112,6 +128,7 @@ from rlhf_jax.objectives.fine_grained import (
 from rlhf_jax.train.config import ConfigError, Field, validate_config
 from rlhf_jax.train.loop import EpochPermutationSchedule
 from rlhf_jax.train.state import TrainState
+from rlhf_jax.train.steps import make_sft_eval, make_sft_step
 from rlhf_jax.train.steps.common import collect, split_model
 from rlhf_jax.train.steps.fine_grained import (
     make_segment_reward_step,
@@ -128,8 +145,15 @@ OWN_SCHEMA = {
     "source_dir": Field(str),
     "split": Field(str, choices=("dev", "train")),
     "heldout_fraction": Field(float, minimum=0.0, maximum=1.0),
+    "lm_steps": Field(int, minimum=0),
+    "lm_learning_rate": Field(float, minimum=0.0),
 }
 SCHEMA = {**{k: v for k, v in common.BASE_SCHEMA.items() if k != "task"}, **OWN_SCHEMA}
+#: The folder of a run's workdir that holds the language-model pretrained trunk.
+LM_DIR = "lm"
+#: The file of a run's workdir that records how its records were read and split.
+DATA_FILE = "data.json"
+DATA_KEYS = ("seed", "source_dir", "split", "heldout_fraction", "max_length")
 #: Sizes the concatenated answers of :func:`label_answers` are padded to multiples of.
 TOKEN_BUCKET, SPAN_BUCKET = 8192, 128
 
@@ -164,6 +188,25 @@ class RenderedRecord:
     response_start: int
     labels: AnswerLabels
     passage_chars: int
+
+
+@dataclasses.dataclass(frozen=True)
+class QaData:
+    """The labelled rows of the kept records, split by record, and the records themselves.
+
+    Attributes:
+      train: :func:`segment_arrays` of the training records.
+      heldout: :func:`segment_arrays` of the held-out records.
+      report: record, sentence and label counts.
+      train_examples: the training records (decoded ``ranked`` examples), row order.
+      heldout_examples: the held-out records, row order.
+    """
+
+    train: dict[str, np.ndarray]
+    heldout: dict[str, np.ndarray]
+    report: dict[str, Any]
+    train_examples: list[dict[str, Any]]
+    heldout_examples: list[dict[str, Any]]
 
 
 def load_records(config: ml_collections.ConfigDict, data_dir: str) -> list[dict[str, Any]]:
@@ -279,17 +322,20 @@ def passages_text(titles: Sequence[str], texts: Sequence[str]) -> str:
     return "\n".join(f"{title}: {text}" for title, text in zip(titles, texts, strict=True))
 
 
-def render_record(
-    example: Mapping[str, Any], labels: AnswerLabels, tokenizer: Tokenizer, *, max_length: int
-) -> RenderedRecord | None:
-    """The dialogue of the module docstring with the passages cut to fit, or ``None``.
+def fitted_input(
+    example: Mapping[str, Any], answer: str, tokenizer: Tokenizer, *, max_length: int
+) -> str | None:
+    r"""The human turn ``question + "\n\n" + passages``, the passages cut to fit.
+
+    The passages are cut at their end, at a character boundary, so that
+    ``render_chat([("human", turn), ("assistant", answer)])`` has at most ``max_length``
+    tokens (with ``answer=""`` the rendered generation prompt then has fewer than
+    ``max_length``).
 
     Returns:
-      The rendered record, or ``None`` when the question and the answer alone exceed
-      ``max_length`` tokens.
+      The turn, or ``None`` when the question and the answer alone exceed ``max_length``.
     """
     question = example["question"] + "\n\n"
-    answer = example["predictions"][0]
     bare = render_chat([("human", question), ("assistant", answer)], tokenizer)
     room = max_length - len(bare.ids)
     if room < 0:
@@ -298,8 +344,25 @@ def render_record(
     passage_ids, passage_offsets = tokenizer.encode_with_offsets(passages)
     if len(passage_ids) > room:
         passages = passages[: int(passage_offsets[room, 0])]
-    rendered = render_chat([("human", question + passages), ("assistant", answer)], tokenizer)
-    return RenderedRecord(rendered.ids, int(rendered.prompt_length), labels, len(passages))
+    return question + passages
+
+
+def render_record(
+    example: Mapping[str, Any], labels: AnswerLabels, tokenizer: Tokenizer, *, max_length: int
+) -> RenderedRecord | None:
+    """The dialogue of the module docstring (:func:`fitted_input`), or ``None``.
+
+    Returns:
+      The rendered record, or ``None`` when the question and the answer alone exceed
+      ``max_length`` tokens.
+    """
+    answer = example["predictions"][0]
+    turn = fitted_input(example, answer, tokenizer, max_length=max_length)
+    if turn is None:
+        return None
+    rendered = render_chat([("human", turn), ("assistant", answer)], tokenizer)
+    passage_chars = len(turn) - len(example["question"]) - 2
+    return RenderedRecord(rendered.ids, int(rendered.prompt_length), labels, passage_chars)
 
 
 def segment_arrays(
@@ -459,8 +522,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     common.validate(with_task, OWN_SCHEMA)
 
 
-def prepare_data(config: ml_collections.ConfigDict, tokenizer: Tokenizer, workdir: str) -> tuple:
-    """``(train arrays, held-out arrays, report)`` from the QA-Feedback file.
+def prepare_data(config: ml_collections.ConfigDict, tokenizer: Tokenizer, workdir: str) -> QaData:
+    """The labelled rows and the records of the QA-Feedback file, split by record.
 
     Raises:
       ConfigError: naming ``config.max_length`` when no record fits, or
@@ -475,6 +538,7 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer: Tokenizer, workdi
         for ex, lab in zip(examples, labels, strict=True)
     ]
     kept = [r for r in rendered if r is not None]
+    kept_examples = [ex for ex, r in zip(examples, rendered, strict=True) if r is not None]
     if not kept:
         raise ConfigError(
             f"config.max_length={config.max_length}: no record's question and answer fit"
@@ -497,24 +561,169 @@ def prepare_data(config: ml_collections.ConfigDict, tokenizer: Tokenizer, workdi
         "passage_chars_kept": float(np.mean([r.passage_chars for r in kept])),
         "ppo_segmentation_agreement": segmentation_agreement(arrays, tokenizer),
     }
-    return (
+    return QaData(
         {k: v[train_index] for k, v in arrays.items()},
         {k: v[heldout_index] for k, v in arrays.items()},
         report,
+        [kept_examples[i] for i in train_index],
+        [kept_examples[i] for i in heldout_index],
     )
+
+
+def save_data_settings(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Write the ``DATA_KEYS`` of ``config`` to ``workdir/data.json``."""
+    with open(os.path.join(workdir, DATA_FILE), "w") as f:
+        json.dump({key: config[key] for key in DATA_KEYS}, f, indent=1)
+
+
+def load_data_settings(workdir: str, key: str) -> ml_collections.ConfigDict:
+    """The data settings a run saved (:func:`save_data_settings`), to split records alike.
+
+    Args:
+      workdir: the workdir of a finished run of this experiment.
+      key: the config key that named ``workdir``, for the error message.
+
+    Raises:
+      ConfigError: naming ``config.<key>`` when ``workdir`` has no ``data.json``.
+    """
+    path = os.path.join(workdir, DATA_FILE)
+    if not os.path.exists(path):
+        raise ConfigError(
+            f"config.{key}={workdir!r}: no {DATA_FILE} there; expected the workdir of a "
+            "finished fine_grained_qa.py run"
+        )
+    with open(path) as f:
+        settings = ml_collections.ConfigDict(json.load(f))
+    settings.batch_size = 1
+    return settings
+
+
+def split_examples(
+    config: ml_collections.ConfigDict, tokenizer: Tokenizer, workdir: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(training, held-out)`` records as :func:`prepare_data` splits them, without labels.
+
+    A record is kept when its question and ``"prediction 1"`` fit ``config.max_length``
+    (:func:`fitted_input`), and the kept ones are split by :func:`split_records`.
+    """
+    examples = load_records(config, os.path.join(workdir, "data"))
+    kept = [
+        ex
+        for ex in examples
+        if fitted_input(ex, ex["predictions"][0], tokenizer, max_length=config.max_length)
+        is not None
+    ]
+    train_index, heldout_index = split_records(len(kept), config.heldout_fraction, config.seed)
+    return [kept[i] for i in train_index], [kept[i] for i in heldout_index]
+
+
+def lm_dialogues(
+    example: Mapping[str, Any], tokenizer: Tokenizer, *, max_length: int
+) -> list[list[tuple[str, str]]]:
+    """A record's texts as dialogues for language-model pretraining.
+
+    The gold answer after the input of :func:`fitted_input` (the question alone when the
+    two do not fit), then each of the four predictions after the question alone (the
+    passages are read once per record).
+    """
+    gold = example["gold"]
+    turn = fitted_input(example, gold, tokenizer, max_length=max_length)
+    dialogues = [[("human", turn or example["question"]), ("assistant", gold)]]
+    dialogues += [
+        [("human", example["question"]), ("assistant", p)] for p in example["predictions"]
+    ]
+    return dialogues
+
+
+def lm_arrays(
+    examples: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, *, max_length: int
+) -> dict[str, np.ndarray]:
+    """:func:`lm_dialogues` packed into rows of ``max_length``, every token a target.
+
+    ``task_batches.packed_sft_arrays`` with ``loss_mask`` widened from the assistant
+    turns to every real token: the next-token loss on the whole text (the SFT step still
+    excludes each dialogue's first token, which has no predecessor in its segment).
+    """
+    dialogues = [d for ex in examples for d in lm_dialogues(ex, tokenizer, max_length=max_length)]
+    arrays = task_batches.packed_sft_arrays(dialogues, tokenizer, row_length=max_length)
+    arrays["loss_mask"] = arrays["attention_mask"].copy()
+    return arrays
+
+
+def pretrain_trunk(
+    config: ml_collections.ConfigDict,
+    tokenizer: Tokenizer,
+    architecture: ModelConfig,
+    data: QaData,
+    workdir: str,
+) -> dict[str, float]:
+    """Language-model pretraining of the trunk on the training records' text.
+
+    ``config.lm_steps`` steps of :func:`rlhf_jax.train.steps.make_sft_step` (token-mean
+    next-token NLL, at ``config.lm_learning_rate``) on :func:`lm_arrays` of the training
+    records only, from ``init_from`` or a random decoder; the policy is exported under
+    ``workdir/lm`` (``policy/`` and ``model.json``, an ``init_from`` for later runs).
+
+    Returns:
+      ``lm_heldout_nll_initial`` and ``lm_heldout_nll``: the NLL per token of the
+      held-out records' text before and after (measured, never trained on), and the
+      first and last training losses.
+    """
+    lm_dir = os.path.join(workdir, LM_DIR)
+    train = lm_arrays(data.train_examples, tokenizer, max_length=config.max_length)
+    heldout = lm_arrays(data.heldout_examples, tokenizer, max_length=config.max_length)
+    if len(train["input_ids"]) < config.batch_size:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} exceeds the {len(train['input_ids'])} "
+            "packed language-model rows; lower it"
+        )
+    graphdef, params = split_model(common.build_decoder(config, architecture))
+    lm_config = ml_collections.ConfigDict(config.to_dict())
+    lm_config.num_steps = config.lm_steps
+    lm_config.optimizer.learning_rate = config.lm_learning_rate
+    tx = common.build_optimizer(lm_config)
+    step = make_sft_step(graphdef, tx, num_micro_batches=config.num_micro_batches)
+    evaluate = make_sft_eval(graphdef, batch_size=config.eval_batch_size)
+    state = TrainState.create(params, tx, rng=config.seed)
+    initial = evaluate(state, heldout)
+    state, _, history = common.train(
+        step,
+        state,
+        EpochPermutationSchedule(train, config.batch_size, seed=config.seed),
+        lm_config,
+        lm_dir,
+        tx=tx,
+    )
+    state = state.replace(params=jax.device_get(state.params))
+    final = evaluate(state, heldout)
+    common.export_params(lm_dir, "policy", state.params, architecture)
+    return {
+        "lm_train_rows": len(train["input_ids"]),
+        "lm_train_loss_first": history[0]["loss"],
+        "lm_train_loss_last": history[-1]["loss"],
+        "lm_heldout_nll_initial": initial["nll_per_token"],
+        "lm_heldout_nll": final["nll_per_token"],
+    }
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Label the sentences, train and evaluate the two segment models, export them."""
     validate(config)
     os.makedirs(workdir, exist_ok=True)
+    save_data_settings(config, workdir)
     tokenizer = common.build_tokenizer(config)
-    train, heldout, summary = prepare_data(config, tokenizer, workdir)
+    data = prepare_data(config, tokenizer, workdir)
+    train, heldout, summary = data.train, data.heldout, dict(data.report)
     architecture = common.model_config(config, tokenizer)
+    trunk_config = config
+    if config.lm_steps:
+        summary.update(pretrain_trunk(config, tokenizer, architecture, data, workdir))
+        trunk_config = ml_collections.ConfigDict(config.to_dict())
+        trunk_config.init_from = os.path.join(workdir, LM_DIR)
     tx = common.build_optimizer(config)
     step = None
     for index, name in enumerate(MODEL_TYPES):
-        trunk = common.build_decoder(config, architecture)
+        trunk = common.build_decoder(trunk_config, architecture)
         model = ScalarModel(architecture, rngs=nnx.Rngs(config.seed + 1 + index), trunk=trunk)
         graphdef, params = split_model(model)
         step = step or make_segment_reward_step(
