@@ -8,8 +8,8 @@ reference, same-size reward model, AdamW) and prints:
 - one minibatch of activations: XLA's temporary buffers of the compiled update stage alone
   (forward and backward of the policy-with-value-head over the whole rollout, which is one
   minibatch here), from ``compiled.memory_analysis()``;
-- the same analysis for the whole jitted iteration (rollout, scoring, reference, values
-  and update in one program);
+- the same analysis for the whole jitted iteration (rollout, scoring, reference and
+  update in one program);
 - the process's peak resident set size (``ru_maxrss``) after one iteration, and its
   growth over the resident size measured after importing JAX, before any model is built.
 
@@ -77,24 +77,10 @@ def main() -> None:
     step = jax.jit(make_ppo_step(setup["models"], setup["tx"], setup["ppo"]), donate_argnums=0)
     iteration = step.lower(state, prompts, key).compile().memory_analysis()
     stages = ppo_stage_functions(setup)
-    length = args.prompt_len + args.new_tokens
-    rollout = jax.ShapeDtypeStruct((len(rows_ids), length), jnp.float32)
-    data = {
-        name: jax.ShapeDtypeStruct(
-            rollout.shape, jnp.int32 if "mask" in name or name == "tokens" else jnp.float32
-        )
-        for name in (
-            "tokens",
-            "attention_mask",
-            "response_mask",
-            "old_logprobs",
-            "ref_logprobs",
-            "advantages",
-            "reward_old_values",
-            "reward_returns",
-        )
-    }
-    update = stages["update"].lower(state, data, key).compile().memory_analysis()
+    output = jax.eval_shape(stages["rollout"], state.params["policy"], prompts, key)
+    ref_logprobs = jax.ShapeDtypeStruct(output.tokens.shape, jnp.float32)
+    scores = jax.ShapeDtypeStruct(output.tokens.shape[:1], jnp.float32)
+    update = stages["update"].lower(state, output, ref_logprobs, scores).compile().memory_analysis()
 
     state, metrics = step(state, prompts, key)
     jax.block_until_ready(metrics)
