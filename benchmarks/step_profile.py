@@ -1,8 +1,10 @@
-"""Where a jitted DPO step spends its time: XLA's ops grouped by kind, from a profiler trace.
+"""Where a jitted DPO step or sampler spends its time: XLA's ops by kind, from a profiler trace.
 
-Traces ``--steps`` calls of the benchmark's DPO step (``benchmarks.dpo_step``: same model,
-shapes, loss and optimiser) with ``jax.profiler`` and reads the trace back
-(``jax.profiler.ProfileData``). Each XLA op the CPU runtime executed is an event named
+Traces ``--steps`` calls of the benchmark's DPO step (``--target dpo``: as
+``benchmarks.dpo_step``, same model, shapes, loss and optimiser) or of the KV-cache sampler
+(``--target sample``: greedy, ``--batch`` rows, ``--prompt-len`` prompt tokens and
+``--new-tokens`` new ones, as ``benchmarks.generation``) with ``jax.profiler`` and reads the
+trace back (``jax.profiler.ProfileData``). Each XLA op the CPU runtime executed is an event named
 after its HLO instruction; the compiled HLO module tells what the instruction is, and
 its time goes to one of:
 
@@ -22,6 +24,7 @@ Run from the repository root::
 
     python -m benchmarks.step_profile --config small
     python -m benchmarks.step_profile --config medium --steps 1
+    python -m benchmarks.step_profile --target sample --batch 64
 """
 
 from __future__ import annotations
@@ -45,10 +48,12 @@ from benchmarks.common import (
     llama_config,
     matmul_parameters,
     print_table,
+    random_ids,
     report_peak,
     training_flops,
 )
 from benchmarks.dpo_step import BETA, LEARNING_RATE, preference_arrays
+from rlhf_jax.sampling import SamplingConfig, sample
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps import initial_dpo_extra, make_dpo_step, make_optimizer
 
@@ -97,15 +102,13 @@ def op_kind(
     return "other"
 
 
-def profile_step(step, state, batch, key, steps: int) -> dict[str, int]:
-    """Nanoseconds per HLO instruction name over ``steps`` traced calls of ``step``."""
-    state, metrics = step(state, batch, key)  # compile and warm up outside the trace
-    jax.block_until_ready(metrics)
+def profile_calls(fn, args, calls: int) -> dict[str, int]:
+    """Nanoseconds per trace event name over ``calls`` traced calls of ``fn(*args)``."""
+    jax.block_until_ready(fn(*args))  # compile and warm up outside the trace
     directory = tempfile.mkdtemp(prefix="step_profile_")
     with jax.profiler.trace(directory):
-        for _ in range(steps):
-            state, metrics = step(state, batch, key)
-            jax.block_until_ready(metrics)
+        for _ in range(calls):
+            jax.block_until_ready(fn(*args))
     (path,) = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
     durations: dict[str, int] = collections.Counter()
     for plane in ProfileData.from_file(path).planes:
@@ -115,24 +118,11 @@ def profile_step(step, state, batch, key, steps: int) -> dict[str, int]:
     return durations
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", choices=("small", "medium"), default="small")
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--completion-len", type=int, default=96)
-    parser.add_argument("--steps", type=int, default=2, help="traced steps")
-    args = parser.parse_args()
-
-    config = llama_config(args.config)
-    model = build_decoder(config)
-    describe(args.config, model)
-    peak = report_peak()
-    graphdef, params = nnx.split(model)
+def dpo_call(graphdef, params, config, args):
+    """The jitted DPO step (no donation, so one state serves every call) and its arguments."""
     tx = make_optimizer(learning_rate=LEARNING_RATE, num_steps=1000, max_grad_norm=1.0)
     step = jax.jit(
-        make_dpo_step(graphdef, tx, loss_name="dpo", hyper={"beta": BETA}, reference="in_step"),
-        donate_argnums=0,
+        make_dpo_step(graphdef, tx, loss_name="dpo", hyper={"beta": BETA}, reference="in_step")
     )
     extra = initial_dpo_extra(
         "dpo", reference="in_step", reference_params=jax.tree.map(jnp.copy, params)
@@ -142,28 +132,67 @@ def main() -> None:
         args.pairs, args.prompt_len, args.completion_len, config.vocab_size, seed=0
     )
     batch = {k: jnp.asarray(v) for k, v in arrays.items()}
-    key = jax.random.key(0)
-    instructions, opcodes = parse_hlo(step.lower(state, batch, key).compile().as_text())
-    durations = profile_step(step, state, batch, key, args.steps)
+    return step, (state, batch, jax.random.key(0))
+
+
+def sample_call(graphdef, params, config, args):
+    """The jitted greedy sampler (no EOS: every row generates ``--new-tokens``) and its args."""
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens, eos_id=None, greedy=True)
+    prompts = jnp.asarray(random_ids(0, (args.batch, args.prompt_len), config.vocab_size))
+    mask = jnp.ones(prompts.shape, jnp.int32)
+    fn = jax.jit(lambda p, x, m, k: sample(graphdef, p, x, m, k, config=sampling).tokens)
+    return fn, (params, prompts, mask, jax.random.key(0))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=("small", "medium"), default="small")
+    parser.add_argument("--target", choices=("dpo", "sample"), default="dpo")
+    parser.add_argument("--pairs", type=int, default=8, help="DPO pairs")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--completion-len", type=int, default=96, help="DPO completion tokens")
+    parser.add_argument("--batch", type=int, default=64, help="sampler rows")
+    parser.add_argument("--new-tokens", type=int, default=64, help="sampler new tokens")
+    parser.add_argument("--steps", type=int, default=2, help="traced calls")
+    args = parser.parse_args()
+
+    config = llama_config(args.config)
+    model = build_decoder(config)
+    describe(args.config, model)
+    peak = report_peak()
+    graphdef, params = nnx.split(model)
+    if args.target == "dpo":
+        fn, call_args = dpo_call(graphdef, params, config, args)
+    else:
+        fn, call_args = sample_call(graphdef, params, config, args)
+    instructions, opcodes = parse_hlo(fn.lower(*call_args).compile().as_text())
+    durations = profile_calls(fn, call_args, args.steps)
+    wall = durations.get("ThunkExecutor::Execute (wait for completion)", 0) / args.steps / 1e9
+    if args.target == "dpo":
+        length = args.prompt_len + args.completion_len
+        tokens = 2 * args.pairs * length
+        n = matmul_parameters(model)
+        flops = training_flops(config, n, tokens, length) + forward_flops(config, n, tokens, length)
+        headline = (
+            f"DPO step (in-step reference), {args.pairs} pairs x {length} tokens: "
+            f"{flops / 1e9:.1f} model GFLOP; traced wall {wall:.3f} s/step "
+            f"(MFU {flops / wall / 1e9 / peak:.0%} of {peak:.1f} GFLOP/s)"
+        )
+    else:
+        generated = args.batch * args.new_tokens
+        headline = (
+            f"greedy sampling, {args.batch} rows x {args.new_tokens} new tokens: traced wall "
+            f"{wall:.3f} s/call ({generated / wall:,.0f} tok/s)"
+        )
 
     per_kind: dict[str, int] = collections.Counter()
     ops = {name: ns for name, ns in durations.items() if name in instructions}
     for name, ns in ops.items():
         per_kind[op_kind(name, instructions, opcodes)] += ns
     total = sum(per_kind.values())
-    wall = durations.get("ThunkExecutor::Execute (wait for completion)", 0) / args.steps
-    length = args.prompt_len + args.completion_len
-    tokens = 2 * args.pairs * length
-    n = matmul_parameters(model)
-    flops = training_flops(config, n, tokens, length) + forward_flops(config, n, tokens, length)
-    print(
-        f"\nDPO step (in-step reference), {args.pairs} pairs x {length} tokens: "
-        f"{flops / 1e9:.1f} model GFLOP; traced wall {wall / 1e9:.3f} s/step "
-        f"(MFU {flops / (wall / 1e9) / 1e9 / peak:.0%} of {peak:.1f} GFLOP/s); "
-        f"op time summed over threads {total / 1e9 / args.steps:.3f} s/step"
-    )
+    print(f"\n{headline}; op time summed over threads {total / 1e9 / args.steps:.3f} s/call")
     print_table(
-        ["kind", "s/step", "share"],
+        ["kind", "s/call", "share"],
         [
             [kind, f"{ns / 1e9 / args.steps:.3f}", f"{ns / total:.1%}"]
             for kind, ns in sorted(per_kind.items(), key=lambda kv: -kv[1])
@@ -174,7 +203,7 @@ def main() -> None:
         (name, ns) for name, ns in ops.items() if op_kind(name, instructions, opcodes) != "matmul"
     ]
     print_table(
-        ["instruction", "kind", "output", "ms/step", "share"],
+        ["instruction", "kind", "output", "ms/call", "share"],
         [
             [
                 name,
