@@ -339,7 +339,15 @@ def single_pass_update(
 
     Returns:
       ``(state, metrics, rollout, rewards)`` as the multi-pass path produces them.
+
+    Raises:
+      ValueError: when ``update`` takes more than one pass (use :func:`ppo_epochs`).
     """
+    if not update.epochs == update.num_minibatches == update.num_micro_batches == 1:
+        raise ValueError(
+            "single_pass_update needs epochs = num_minibatches = num_micro_batches = 1, got "
+            f"{update.epochs}, {update.num_minibatches}, {update.num_micro_batches}"
+        )
     kl_coef = state.extra["kl_coef"]
     tokens, attention_mask, mask = output.tokens, output.attention_mask, output.response_mask
 

@@ -21,6 +21,7 @@ from rlhf_jax.train.steps.ppo import (
     init_ppo_extra,
     make_ppo_step,
     sample_rollout,
+    single_pass_update,
     token_rewards,
 )
 from rlhf_jax.train.steps.rollout import PPOUpdateConfig, actor_critic_sum_loss, ppo_epochs
@@ -185,3 +186,9 @@ def test_single_pass_update_equals_the_rollout_forward_then_ppo_epochs(kl_mode):
     )
     for a, b in leaves:
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_single_pass_update_refuses_an_update_of_several_passes():
+    update = PPOUpdateConfig(epochs=2, num_minibatches=1)
+    with pytest.raises(ValueError, match="epochs = num_minibatches"):
+        single_pass_update(None, optax.sgd(1.0), None, None, None, None, update)
