@@ -166,6 +166,7 @@ def vpl_loss(
     log_var: Array,
     *,
     beta: float = 1.0,
+    free_bits: float = 0.0,
     mask: Array | None = None,
     reduction: Reduction = "mean",
 ) -> tuple[Array, dict[str, Array]]:
@@ -181,6 +182,13 @@ def vpl_loss(
     users. ``β = 0`` with a single sample is the maximum-likelihood (Bradley–Terry) loss
     at those latents.
 
+    ``free_bits = λ > 0`` replaces each user's ``KL`` by ``max(KL, λ)`` (free bits, Kingma
+    et al., 2016, "Improved Variational Inference with Inverse Autoregressive Flow", §C.8,
+    here per user over the whole latent): the first λ nats of information about the user
+    are not charged, which keeps the posterior from collapsing onto the prior before the
+    reward has learned to read z. ``λ = 0`` is the paper's ELBO; this is a departure from
+    it, off by default.
+
     Args:
       chosen_rewards: ``[S, U, K]`` rewards ``r(x, y_c, z_s)`` of U users' K pairs under S
         latent samples.
@@ -188,6 +196,7 @@ def vpl_loss(
       mean: ``[U, L]`` posterior means.
       log_var: ``[U, L]`` posterior log-variances.
       beta: β, the weight of the KL term.
+      free_bits: λ, the nats of KL per user that are not charged.
       mask: optional ``[U, K]`` bool, the labelled pairs.
       reduction: ``"mean"`` or ``"sum"`` over labelled pairs.
 
@@ -207,7 +216,8 @@ def vpl_loss(
     chex.assert_equal_shape([nll, weights])
     kl = gaussian_kl_to_standard_normal(mean, log_var)
     pairs_per_user = jnp.maximum(jnp.sum(weights, axis=1, keepdims=True), 1.0)
-    per_pair = nll + beta * kl[:, None] / pairs_per_user
+    charged = jnp.maximum(kl, free_bits) if free_bits > 0.0 else kl
+    per_pair = nll + beta * charged[:, None] / pairs_per_user
     loss, denominator = reduce_loss(per_pair, weights, reduction=reduction)
     count = jnp.maximum(jnp.sum(weights), 1.0)
     mean_difference = jax.lax.stop_gradient(jnp.mean(difference, axis=0))

@@ -70,6 +70,35 @@ def test_vpl_loss_is_the_masked_bradley_terry_loss_plus_the_spread_kl():
     np.testing.assert_allclose(plain, bt, rtol=1e-5)
 
 
+def test_free_bits_charge_only_the_kl_above_the_threshold():
+    rng = np.random.default_rng(1)
+    chosen, rejected = (jnp.asarray(x) for x in rng.normal(size=(2, 1, 2, 3)).astype(np.float32))
+    mean = jnp.asarray([[0.1, 0.0], [2.0, -1.5]], jnp.float32)  # KL ≈ 0.005 and ≈ 3.1 nats
+    log_var = jnp.zeros_like(mean)
+    kl = np.asarray(vpl.gaussian_kl_to_standard_normal(mean, log_var), np.float64)
+    free = 1.0
+    assert kl[0] < free < kl[1]
+
+    def loss(m, lv):
+        return vpl.vpl_loss(chosen, rejected, m, lv, beta=0.5, free_bits=free)[0]
+
+    nll = np.mean(np.log1p(np.exp(-(np.asarray(chosen, np.float64) - rejected))))
+    # Per user max(KL, λ), spread over its 3 pairs; mean over the 6 pairs.
+    expected = nll + 0.5 * (free + kl[1]) / 6
+    np.testing.assert_allclose(loss(mean, log_var), expected, rtol=1e-5)
+    # Below the threshold the KL exerts no pull: user 0's posterior gets zero gradient;
+    # above it, the full KL gradient μ·β/(U·Q) (d KL/dμ = μ for unit variance).
+    grad_mean = jax.grad(loss)(mean, log_var)
+    np.testing.assert_allclose(grad_mean[0], 0.0, atol=1e-7)
+    np.testing.assert_allclose(grad_mean[1], 0.5 * np.asarray(mean[1]) / 6, rtol=1e-5)
+    # λ = 0 is the paper's ELBO.
+    np.testing.assert_allclose(
+        vpl.vpl_loss(chosen, rejected, mean, log_var, beta=0.5, free_bits=0.0)[0],
+        nll + 0.5 * kl.sum() / 6,
+        rtol=1e-5,
+    )
+
+
 def _users(key, num_users):
     """Half the users in group +1, half in −1; context and target pairs per user."""
     k_e, k_l = jax.random.split(key)
