@@ -14,13 +14,18 @@ Two models are trained from the same trunk (``init_from``'s SFT policy):
 - ``vpl/``: VPL (:mod:`rlhf_jax.train.steps.vpl`), trunk trained end to end with the
   posterior encoder and the latent-conditioned reward; ``trunk_from`` instead starts the
   trunk from a reward-model run's trunk (a Bradley–Terry model of group ``a``).
+  ``freeze_trunk=True`` keeps the trunk fixed, as the paper does: every user's pairs are
+  embedded once and only the heads train (fast enough for many more steps).
+  ``vpl.free_bits = λ`` leaves the first λ nats of each user's KL uncharged, a departure
+  from the paper's ELBO that keeps the posterior from collapsing (0 = the ELBO).
 
 The summary gives, per group, the held-out accuracy on the query pairs of BT and of VPL
 at the posterior mean ``z = μ`` of each user's context pairs, the mean held-out KL of the
 posterior, the VPL accuracy when each user's context pairs carry the *other* group's
 labels (it falls below 0.5 when z carries the group) and the Bayes-optimal accuracy of
 the labels (the ceiling of any model). The trained parameters are exported to
-``bt/scorer`` and ``vpl/vpl`` (``{"trunk", "encoder", "reward"}``) under the workdir.
+``bt/scorer`` and ``vpl/vpl`` (``{"trunk", "encoder", "reward"}``, without the trunk when
+frozen) under the workdir.
 
 ``python experiments/vpl.py --config=experiments/configs/vpl.py --workdir=runs/vpl
 --config.init_from=runs/sft``
@@ -46,10 +51,11 @@ from rlhf_jax.train.config import ConfigError, Field
 from rlhf_jax.train.loop import EpochPermutationSchedule
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps import make_reward_eval, make_reward_step, split_model
-from rlhf_jax.train.steps.vpl import init_vpl_params, make_vpl_eval, make_vpl_step
+from rlhf_jax.train.steps.vpl import embed_users, init_vpl_params, make_vpl_eval, make_vpl_step
 
 SCHEMA = {
     "trunk_from": Field(str),
+    "freeze_trunk": Field(bool),
     "users": {
         "num_train": Field(int, minimum=1),
         "num_heldout": Field(int, minimum=1),
@@ -58,6 +64,7 @@ SCHEMA = {
     },
     "vpl": {
         "beta": Field(float, minimum=0.0),
+        "free_bits": Field(float, minimum=0.0),
         "num_samples": Field(int, minimum=1),
         "latent_dim": Field(int, minimum=1),
         "hidden_dim": Field(int, minimum=1),
@@ -222,29 +229,38 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         hidden_dim=config.vpl.hidden_dim,
         latent_dim=config.vpl.latent_dim,
     )
+    train_data, heldout_data, swapped_data = train_users, heldout_users, swap_context(heldout_users)
+    if config.freeze_trunk:
+        trunk = params.pop("trunk")
+        train_data, heldout_data, swapped_data = (
+            embed_users(graphdef, trunk, users, batch_size=config.eval_batch_size)
+            for users in (train_data, heldout_data, swapped_data)
+        )
+        graphdef = None
+    else:
+        train_data = {k: v for k, v in train_data.items() if k.endswith(TOKEN_FIELDS)}
     tx = common.build_optimizer(config)
     step = make_vpl_step(
         graphdef,
         tx,
         beta=config.vpl.beta,
         num_samples=config.vpl.num_samples,
+        free_bits=config.vpl.free_bits,
         num_micro_batches=config.num_micro_batches,
     )
     evaluate = make_vpl_eval(graphdef, batch_size=config.eval_batch_size)
-    batch_keys = [k for k in train_users if k.endswith(TOKEN_FIELDS)]
-    schedule = EpochPermutationSchedule(
-        {k: train_users[k] for k in batch_keys}, config.batch_size, seed=config.seed
-    )
+    schedule = EpochPermutationSchedule(train_data, config.batch_size, seed=config.seed)
     state = TrainState.create(params, tx, rng=config.seed)
-    initial = evaluate(state, heldout_users)
+    initial = evaluate(state, heldout_data)
     state, run_summary, history = common.train(
         step, state, schedule, config, os.path.join(workdir, "vpl")
     )
-    final = evaluate(state, heldout_users)
-    swapped = evaluate(state, swap_context(heldout_users))
+    final = evaluate(state, heldout_data)
+    swapped = evaluate(state, swapped_data)
     common.export_params(os.path.join(workdir, "vpl"), "vpl", state.params, architecture)
     summary = {
         "trunk": "trunk_from" if config.trunk_from else "init_from",
+        "freeze_trunk": config.freeze_trunk,
         "steps": run_summary.final_step,
         "train_loss_first": history[0]["loss"],
         "train_loss_last": history[-1]["loss"],

@@ -27,13 +27,23 @@ def get_config(preset: str = "") -> ml_collections.ConfigDict:
     config = base_config()
     # A reward-model workdir whose scorer trunk seeds the VPL trunk ("" = init_from's).
     config.trunk_from = ""
+    # True: embed every pair once with the trunk and train only the VPL heads (the paper's
+    # frozen language model).
+    config.freeze_trunk = False
     config.users = {
         "num_train": 1000,
         "num_heldout": 200,
         "num_context": 4,  # K pairs that reveal a user's group to the encoder
         "num_query": 4,  # Q pairs scored under the user's latent
     }
-    config.vpl = {"beta": 1.0, "num_samples": 1, "latent_dim": 8, "hidden_dim": 64}
+    # free_bits: uncharged nats of KL per user (0 = the paper's ELBO).
+    config.vpl = {
+        "beta": 1.0,
+        "free_bits": 0.0,
+        "num_samples": 1,
+        "latent_dim": 8,
+        "hidden_dim": 64,
+    }
     config.bt_num_steps = 100
     config.batch_size = 4  # users per step: 4 · (K + Q) = 32 pairs, 64 sequences
     config.eval_batch_size = 8

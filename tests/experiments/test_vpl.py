@@ -1,4 +1,5 @@
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -86,3 +87,21 @@ def test_pooled_bradley_terry_cannot_serve_both_opposed_groups(tiny_run):
     # would sit near its accuracy on one and near one minus it on the other).
     assert min(summary["bt_heldout_accuracy_a"], summary["bt_heldout_accuracy_b"]) < 0.5 + 0.27
     assert summary["bt_heldout_accuracy_a"] + summary["bt_heldout_accuracy_b"] < 1.0 + 0.27
+
+
+def test_a_frozen_trunk_run_embeds_once_and_trains_only_the_heads(
+    tiny_run, tiny_sft_and_rm, tmp_path
+):
+    policy, scorer = tiny_sft_and_rm
+    config = shrink(vpl_config.get_config("tiny"), 12, 3e-3)
+    config.init_from, config.trunk_from = policy, scorer
+    config.freeze_trunk, config.vpl.free_bits = True, 1.0
+    config.batch_size, config.bt_num_steps = 4, 12
+    config.users.update(num_train=64, num_heldout=32, num_context=2, num_query=2)
+    shutil.copytree(tiny_run[0] / "bt", tmp_path / "bt")  # the finished baseline resumes as is
+    summary = vpl.run(config, str(tmp_path))
+    assert summary["freeze_trunk"] is True and summary["steps"] == 12
+    assert summary["bt_heldout_accuracy_a"] == tiny_run[1]["bt_heldout_accuracy_a"]
+    for key in ("vpl_heldout_accuracy", "vpl_swapped_context_accuracy"):
+        assert 0.0 <= summary[f"{key}_a"] <= 1.0 and 0.0 <= summary[f"{key}_b"] <= 1.0
+    assert (tmp_path / "vpl" / "vpl").exists()

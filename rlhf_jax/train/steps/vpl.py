@@ -3,9 +3,8 @@
 Poddar et al. (2024), "Personalizing Reinforcement Learning from Human Feedback with
 Variational Preference Learning". The embedding of a response is the decoder trunk's
 final-normed hidden state at the sequence's last real token, ``e(x, y) = h_last(x, y)``,
-and the gradients of the loss flow into the trunk (the paper freezes its language model;
-here the trunk is trained end to end with the VPL heads, starting from an SFT or reward
-trunk, because a frozen small trunk does not encode the preference signal).
+and the gradients of the loss flow into the trunk, trained end to end with the VPL heads;
+or the trunk is frozen, as the paper freezes its language model (below).
 
 A batch holds U users. User u brings K *context* pairs ``(y_c,uk, y_r,uk)`` from which the
 posterior encoder (:func:`rlhf_jax.objectives.vpl.posterior_encoder`) infers
@@ -23,6 +22,11 @@ sequence of the batch goes through the trunk in one forward pass.
 
 The evaluation scores each user's query pairs under the posterior mean ``z = μ_u`` (the
 paper's deterministic prediction) and reports per-user accuracy and KL.
+
+Frozen trunk (the paper's setting): with ``graphdef=None`` the step, loss and evaluation
+take ``params = {"encoder", "reward"}`` and batches of embeddings
+``{context,query}_{chosen,rejected}`` ``[U, K or Q, E]`` computed once by
+:func:`embed_users`, so training touches only the heads.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ SIDES = ("chosen", "rejected")
 TOKEN_FIELDS = ("input_ids", "attention_mask")
 BATCH_KEYS = tuple(f"{s}_{side}_{f}" for s in PAIR_SETS for side in SIDES for f in TOKEN_FIELDS)
 """The ``[U, K or Q, L]`` arrays of a VPL batch."""
+EMBEDDING_KEYS = tuple(f"{s}_{side}" for s in PAIR_SETS for side in SIDES)
+"""The ``[U, K or Q, E]`` arrays of a frozen-trunk VPL batch."""
 
 UserEvaluator = Callable[[TrainState, Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 
@@ -146,6 +152,7 @@ def vpl_objective(
     *,
     beta: float,
     num_samples: int,
+    free_bits: float = 0.0,
     reduction: Reduction = "mean",
 ) -> tuple[Array, Metrics]:
     """The negative ELBO of the query pairs given the context pairs' posterior.
@@ -156,6 +163,7 @@ def vpl_objective(
       key: PRNG key of the reparameterised samples.
       beta: β, the weight of ``KL(q_u ‖ N(0, I))``.
       num_samples: S latent samples per user.
+      free_bits: λ of :func:`rlhf_jax.objectives.vpl.vpl_loss` (0 = the paper's ELBO).
       reduction: ``"mean"`` or ``"sum"`` over query pairs.
 
     Returns:
@@ -167,39 +175,80 @@ def vpl_objective(
     latents = sample_latents(key, mean, log_var, num_samples)[:, :, None, :]
     chosen = latent_reward(params["reward"], embeddings["query_chosen"], latents)
     rejected = latent_reward(params["reward"], embeddings["query_rejected"], latents)
-    return vpl_loss(chosen, rejected, mean, log_var, beta=beta, reduction=reduction)
+    return vpl_loss(
+        chosen, rejected, mean, log_var, beta=beta, free_bits=free_bits, reduction=reduction
+    )
 
 
-def vpl_sum_loss(graphdef: nnx.GraphDef, *, beta: float, num_samples: int) -> SumLossFn:
-    """``loss_fn(params, batch, rng) -> (summed negative ELBO, metrics)``."""
+def batch_embeddings(graphdef: nnx.GraphDef | None, params: PyTree, batch: Batch) -> Batch:
+    """The batch's embeddings: from ``params["trunk"]``, or the batch itself when frozen."""
+    if graphdef is None:
+        return {name: batch[name] for name in EMBEDDING_KEYS}
+    return pair_embeddings(graphdef, params["trunk"], batch)
+
+
+def embed_users(
+    graphdef: nnx.GraphDef,
+    trunk_params: PyTree,
+    users: Mapping[str, np.ndarray],
+    *,
+    batch_size: int,
+) -> dict[str, np.ndarray]:
+    """Embeddings ``{context,query}_{chosen,rejected}`` ``[U, K or Q, E]`` of the users' pairs.
+
+    One jitted trunk forward per ``batch_size`` users (:func:`pair_embeddings`), for the
+    frozen-trunk step and evaluation.
+    """
+    forward = jax.jit(lambda params, batch: pair_embeddings(graphdef, params, batch))
+    return collect(
+        forward, (trunk_params,), {k: users[k] for k in BATCH_KEYS}, batch_size=batch_size
+    )
+
+
+def vpl_sum_loss(
+    graphdef: nnx.GraphDef | None, *, beta: float, num_samples: int, free_bits: float = 0.0
+) -> SumLossFn:
+    """``loss_fn(params, batch, rng) -> (summed negative ELBO, metrics)``.
+
+    ``graphdef=None``: the trunk is frozen and ``batch`` holds embeddings (module docstring).
+    """
 
     def loss_fn(params: PyTree, batch: Batch, rng: Array) -> tuple[Array, Metrics]:
-        embeddings = pair_embeddings(graphdef, params["trunk"], batch)
         return vpl_objective(
-            params, embeddings, rng, beta=beta, num_samples=num_samples, reduction="sum"
+            params,
+            batch_embeddings(graphdef, params, batch),
+            rng,
+            beta=beta,
+            num_samples=num_samples,
+            free_bits=free_bits,
+            reduction="sum",
         )
 
     return loss_fn
 
 
 def make_vpl_step(
-    graphdef: nnx.GraphDef,
+    graphdef: nnx.GraphDef | None,
     tx: optax.GradientTransformation,
     *,
     beta: float = 1.0,
     num_samples: int = 1,
+    free_bits: float = 0.0,
     num_micro_batches: int = 1,
 ) -> StepFn:
     """The pure VPL step ``step(state, batch, rng) -> (state, metrics)``.
 
     ``state.params`` is :func:`init_vpl_params`'s ``{"trunk", "encoder", "reward"}``; all
-    three are trained. Micro-batches split the users.
+    three are trained. With ``graphdef=None`` the trunk is frozen: ``state.params`` is
+    ``{"encoder", "reward"}`` and batches hold :func:`embed_users` embeddings. Micro-batches
+    split the users.
 
     Args:
-      graphdef: the decoder's graph definition (static).
+      graphdef: the decoder's graph definition (static), or ``None`` for a frozen trunk.
       tx: the optax transformation of ``state.opt_state``.
       beta: β of the ELBO.
       num_samples: S latent samples per user.
+      free_bits: λ, the uncharged nats of KL per user (0 = the paper's ELBO).
       num_micro_batches: micro-batches (of whole users) for gradient accumulation.
 
     Returns:
@@ -209,22 +258,24 @@ def make_vpl_step(
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}")
     return make_gradient_step(
-        vpl_sum_loss(graphdef, beta=beta, num_samples=num_samples),
+        vpl_sum_loss(graphdef, beta=beta, num_samples=num_samples, free_bits=free_bits),
         tx,
         num_micro_batches=num_micro_batches,
     )
 
 
 def posterior_mean_predictions(
-    graphdef: nnx.GraphDef, params: PyTree, batch: Batch
+    graphdef: nnx.GraphDef | None, params: PyTree, batch: Batch
 ) -> dict[str, Array]:
     """Each user's query pairs scored at the posterior mean ``z = μ_u``.
+
+    ``graphdef=None``: the trunk is frozen and ``batch`` holds embeddings.
 
     Returns:
       ``{"correct": [U, Q]`` (``r(y_c, μ_u) > r(y_r, μ_u)``), ``"accuracy": [U]``,
       ``"kl": [U]`` (``KL(q_u ‖ N(0, I))``), ``"mean": [U, L]``}.
     """
-    embeddings = pair_embeddings(graphdef, params["trunk"], batch)
+    embeddings = batch_embeddings(graphdef, params, batch)
     mean, log_var = posterior_encoder(
         params["encoder"], embeddings["context_chosen"], embeddings["context_rejected"]
     )
@@ -239,7 +290,7 @@ def posterior_mean_predictions(
     }
 
 
-def make_vpl_eval(graphdef: nnx.GraphDef, *, batch_size: int) -> UserEvaluator:
+def make_vpl_eval(graphdef: nnx.GraphDef | None, *, batch_size: int) -> UserEvaluator:
     """``evaluate(state, users) -> per-user arrays`` of :func:`posterior_mean_predictions`.
 
     The forward is jitted once and run over the users in fixed-size batches
@@ -248,7 +299,7 @@ def make_vpl_eval(graphdef: nnx.GraphDef, *, batch_size: int) -> UserEvaluator:
     forward = jax.jit(lambda params, batch: posterior_mean_predictions(graphdef, params, batch))
 
     def evaluator(state: TrainState, users: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        data = {k: users[k] for k in BATCH_KEYS}
+        data = {k: users[k] for k in (EMBEDDING_KEYS if graphdef is None else BATCH_KEYS)}
         return collect(forward, (state.params,), data, batch_size=batch_size)
 
     return evaluator

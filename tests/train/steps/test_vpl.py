@@ -16,6 +16,7 @@ from rlhf_jax.objectives.vpl import (
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps.common import split_model
 from rlhf_jax.train.steps.vpl import (
+    embed_users,
     init_vpl_params,
     make_vpl_eval,
     make_vpl_step,
@@ -177,3 +178,35 @@ def test_eval_scores_query_pairs_at_the_posterior_mean(model):
     np.testing.assert_allclose(predictions["mean"], mean, rtol=1e-5, atol=1e-6)
     direct = posterior_mean_predictions(graphdef, params, batch)
     np.testing.assert_allclose(predictions["kl"], direct["kl"], rtol=1e-5)
+
+
+def test_a_frozen_trunk_step_on_precomputed_embeddings_equals_the_trunk_step(model):
+    # The frozen path embeds the users once (embed_users) and trains the heads alone. Its
+    # loss and head gradients must be those of the trunk path on the same tokens; the
+    # trunk path's trunk gradient is simply not taken. Float32 reordering: 1e-5.
+    graphdef, params = model
+    batch = make_users(5)
+    heads = {k: v for k, v in params.items() if k != "trunk"}
+    embedded = embed_users(graphdef, params["trunk"], batch, batch_size=3)
+    assert set(embedded) == {"context_chosen", "context_rejected", "query_chosen", "query_rejected"}
+    rng = jax.random.key(4)
+    kwargs = {"beta": BETA, "num_samples": NUM_SAMPLES, "free_bits": 0.5}
+    frozen_state, frozen = jax.jit(make_vpl_step(None, TX, **kwargs))(
+        TrainState.create(heads, TX, rng=0), embedded, rng
+    )
+    full_state, full = jax.jit(make_vpl_step(graphdef, TX, **kwargs))(
+        TrainState.create(params, TX, rng=0), batch, rng
+    )
+    for name in ("loss", "kl", "log_likelihood"):
+        np.testing.assert_allclose(frozen[name], full[name], rtol=1e-5, err_msg=name)
+    for name in ("encoder", "reward"):
+        moved = jax.tree.map(lambda a, b: a - b, frozen_state.params[name], heads[name])
+        expected = jax.tree.map(lambda a, b: a - b, full_state.params[name], params[name])
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), moved, expected)
+    frozen_eval = make_vpl_eval(None, batch_size=3)(frozen_state, embedded)
+    full_eval = make_vpl_eval(graphdef, batch_size=3)(
+        TrainState.create(params, TX, rng=0).replace(params={**params, **frozen_state.params}),
+        batch,
+    )
+    np.testing.assert_allclose(frozen_eval["accuracy"], full_eval["accuracy"])
+    np.testing.assert_allclose(frozen_eval["kl"], full_eval["kl"], rtol=1e-5)
