@@ -24,6 +24,9 @@ Public API:
 - :func:`make_align_distil_step`, :func:`init_align_distil_extra`: AlignDistil's
   token-level distillation from a DPO model and the reference.
 - :func:`make_lm_judge`: a language model's verdict probabilities as a preference model.
+- :func:`make_vpl_step`, :func:`make_vpl_eval`, :func:`init_vpl_params`,
+  :func:`embed_pairs`: VPL's latent-conditioned reward model over users' pairs (trunk
+  trained or frozen).
 - :data:`PREFERENCE_LOSSES`: the losses the DPO step selects by name.
 - :func:`make_optimizer`, :func:`split_model`: shared plumbing (``steps.common``).
 """
@@ -57,9 +60,11 @@ from rlhf_jax.train.steps.raft import init_raft_extra, make_raft_step
 from rlhf_jax.train.steps.reward import make_reward_eval, make_reward_step
 from rlhf_jax.train.steps.safe_rlhf import init_safe_rlhf_extra, make_safe_rlhf_step
 from rlhf_jax.train.steps.sft import make_sft_eval, make_sft_step
+from rlhf_jax.train.steps.vpl import embed_pairs, init_vpl_params, make_vpl_eval, make_vpl_step
 
 __all__ = [
     "PREFERENCE_LOSSES",
+    "embed_pairs",
     "init_align_distil_extra",
     "init_cgpo_extra",
     "init_fdpg_extra",
@@ -68,6 +73,7 @@ __all__ = [
     "init_ppo_extra",
     "init_raft_extra",
     "init_safe_rlhf_extra",
+    "init_vpl_params",
     "initial_dpo_extra",
     "make_align_distil_step",
     "make_cgpo_step",
@@ -89,6 +95,8 @@ __all__ = [
     "make_segment_reward_step",
     "make_sft_eval",
     "make_sft_step",
+    "make_vpl_eval",
+    "make_vpl_step",
     "precompute_reference_logps",
     "split_model",
 ]
