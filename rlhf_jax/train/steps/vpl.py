@@ -25,8 +25,8 @@ paper's deterministic prediction) and reports per-user accuracy and KL.
 
 Frozen trunk (the paper's setting): with ``graphdef=None`` the step, loss and evaluation
 take ``params = {"encoder", "reward"}`` and batches of embeddings
-``{context,query}_{chosen,rejected}`` ``[U, K or Q, E]`` computed once by
-:func:`embed_users`, so training touches only the heads.
+``{context,query}_{chosen,rejected}`` ``[U, K or Q, E]`` gathered from embeddings
+computed once by :func:`embed_pairs`, so training touches only the heads.
 """
 
 from __future__ import annotations
@@ -187,21 +187,32 @@ def batch_embeddings(graphdef: nnx.GraphDef | None, params: PyTree, batch: Batch
     return pair_embeddings(graphdef, params["trunk"], batch)
 
 
-def embed_users(
+def embed_pairs(
     graphdef: nnx.GraphDef,
     trunk_params: PyTree,
-    users: Mapping[str, np.ndarray],
+    pairs: Mapping[str, np.ndarray],
     *,
     batch_size: int,
 ) -> dict[str, np.ndarray]:
-    """Embeddings ``{context,query}_{chosen,rejected}`` ``[U, K or Q, E]`` of the users' pairs.
+    """Embeddings ``{"chosen", "rejected"}`` ``[N, E]`` of N preference pairs, each once.
 
-    One jitted trunk forward per ``batch_size`` users (:func:`pair_embeddings`), for the
-    frozen-trunk step and evaluation.
+    ``pairs`` holds ``{chosen,rejected}_{input_ids,attention_mask}`` ``[N, L]``. One jitted
+    trunk forward (:func:`sequence_embeddings`) per ``batch_size`` pairs. A frozen-trunk
+    run embeds its pool of pairs once and draws users' batches of embeddings from it, so
+    a pair shared by many users is embedded only once.
     """
-    forward = jax.jit(lambda params, batch: pair_embeddings(graphdef, params, batch))
+
+    def forward(params: PyTree, batch: Batch) -> dict[str, Array]:
+        return {
+            side: sequence_embeddings(
+                graphdef, params, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"]
+            )
+            for side in SIDES
+        }
+
+    keys = [f"{side}_{field}" for side in SIDES for field in TOKEN_FIELDS]
     return collect(
-        forward, (trunk_params,), {k: users[k] for k in BATCH_KEYS}, batch_size=batch_size
+        jax.jit(forward), (trunk_params,), {k: pairs[k] for k in keys}, batch_size=batch_size
     )
 
 
@@ -240,7 +251,7 @@ def make_vpl_step(
 
     ``state.params`` is :func:`init_vpl_params`'s ``{"trunk", "encoder", "reward"}``; all
     three are trained. With ``graphdef=None`` the trunk is frozen: ``state.params`` is
-    ``{"encoder", "reward"}`` and batches hold :func:`embed_users` embeddings. Micro-batches
+    ``{"encoder", "reward"}`` and batches hold embeddings (:func:`embed_pairs`). Micro-batches
     split the users.
 
     Args:

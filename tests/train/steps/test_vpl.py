@@ -16,7 +16,7 @@ from rlhf_jax.objectives.vpl import (
 from rlhf_jax.train.state import TrainState
 from rlhf_jax.train.steps.common import split_model
 from rlhf_jax.train.steps.vpl import (
-    embed_users,
+    embed_pairs,
     init_vpl_params,
     make_vpl_eval,
     make_vpl_step,
@@ -181,14 +181,23 @@ def test_eval_scores_query_pairs_at_the_posterior_mean(model):
 
 
 def test_a_frozen_trunk_step_on_precomputed_embeddings_equals_the_trunk_step(model):
-    # The frozen path embeds the users once (embed_users) and trains the heads alone. Its
-    # loss and head gradients must be those of the trunk path on the same tokens; the
-    # trunk path's trunk gradient is simply not taken. Float32 reordering: 1e-5.
+    # The frozen path embeds pairs once (embed_pairs) and trains the heads alone. Its loss
+    # and head gradients must be those of the trunk path on the same tokens; the trunk
+    # path's trunk gradient is simply not taken. Float32 reordering: 1e-5.
     graphdef, params = model
     batch = make_users(5)
     heads = {k: v for k, v in params.items() if k != "trunk"}
-    embedded = embed_users(graphdef, params["trunk"], batch, batch_size=3)
-    assert set(embedded) == {"context_chosen", "context_rejected", "query_chosen", "query_rejected"}
+    embedded = {}
+    for name in ("context", "query"):
+        flat = {
+            f"{side}_{field}": batch[f"{name}_{side}_{field}"].reshape(-1, L)
+            for side in ("chosen", "rejected")
+            for field in ("input_ids", "attention_mask")
+        }
+        pairs = embed_pairs(graphdef, params["trunk"], flat, batch_size=3)  # padded last batch
+        assert set(pairs) == {"chosen", "rejected"}
+        for side, value in pairs.items():
+            embedded[f"{name}_{side}"] = value.reshape(U, -1, E)
     rng = jax.random.key(4)
     kwargs = {"beta": BETA, "num_samples": NUM_SAMPLES, "free_bits": 0.5}
     frozen_state, frozen = jax.jit(make_vpl_step(None, TX, **kwargs))(
