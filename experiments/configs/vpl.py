@@ -1,4 +1,4 @@
-"""Variational Preference Learning against Bradley–Terry on two opposed user groups.
+r"""Variational Preference Learning against Bradley–Terry on two opposed user groups.
 
 The defaults are the run that separates the groups: the trunk of a group-``a`` reward model,
 frozen, 6,000 steps of 32 fresh users each, free bits of 2 nats::
@@ -11,7 +11,8 @@ frozen, 6,000 steps of 32 fresh users each, free bits of 2 nats::
         --config.init_from=runs/sft --config.trunk_from=runs/rm
 
 (``vpl.py:tiny`` selects the smoke-test preset; without ``trunk_from`` the frozen trunk is
-the SFT policy's; ``--config.freeze_trunk=False`` trains the trunk end to end.)"""
+the SFT policy's; ``--config.freeze_trunk=False`` trains the trunk end to end.)
+"""
 
 import ml_collections
 
