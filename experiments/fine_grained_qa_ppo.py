@@ -69,7 +69,6 @@ from rlhf_jax.data import task_batches
 from rlhf_jax.data.tokenizers import Tokenizer
 from rlhf_jax.models import PolicyWithValueHead
 from rlhf_jax.objectives.fine_grained import segment_ends
-from rlhf_jax.sampling import sample
 from rlhf_jax.train import loop
 from rlhf_jax.train.config import ConfigError, Field, validate_config
 from rlhf_jax.train.state import PyTree, TrainState
@@ -212,18 +211,8 @@ def make_qa_evaluator(
         nonlocal frozen
         frozen = rl.colocate(frozen, policy_params)
         scorers, reference = frozen
-        totals: dict[str, list] = {"reply_length": [], "kl": []}
-        replies = []
-        batches = task_batches.sequential_batches(arrays, batch_size=config.eval_batch_size)
-        for index, (batch, valid) in enumerate(batches):
-            output = sample(
-                policy_graphdef,
-                policy_params,
-                batch["input_ids"],
-                batch["attention_mask"],
-                jax.random.key(index),
-                config=sampling,
-            )
+
+        def score(output):
             scores = reply_scores(
                 segment_graphdef,
                 scorers,
@@ -233,7 +222,7 @@ def make_qa_evaluator(
                 weights=weights,
                 sentence_ids=sentence_ids,
             )
-            log_ratios = rl.sequence_log_ratios(
+            scores["kl"] = rl.sequence_log_ratios(
                 policy_graphdef,
                 policy_params,
                 reference,
@@ -241,16 +230,17 @@ def make_qa_evaluator(
                 output.attention_mask,
                 output.response_mask,
             )
-            scores = {k: np.asarray(v)[:valid] for k, v in jax.device_get(scores).items()}
-            for name, values in scores.items():
-                totals.setdefault(name, []).extend(values.tolist())
-            mask = np.asarray(output.response_mask)[:valid].astype(bool)
-            totals["reply_length"].extend(mask.sum(axis=1).tolist())
-            totals["kl"].extend(np.asarray(log_ratios)[:valid].tolist())
-            replies.extend(
-                tokenizer.decode(row[keep])
-                for row, keep in zip(np.asarray(output.tokens)[:valid], mask, strict=True)
-            )
+            return scores
+
+        replies, totals = rl.sample_and_score(
+            policy_graphdef,
+            policy_params,
+            arrays,
+            score,
+            sampling=sampling,
+            batch_size=config.eval_batch_size,
+            tokenizer=tokenizer,
+        )
         sentences = float(np.sum(totals["sentences"]))
         metrics = {
             f"eval_{name}_flagged": float(np.sum(totals[f"{name}_flagged"]) / max(sentences, 1))

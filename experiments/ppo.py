@@ -201,10 +201,53 @@ def colocate(tree, like):
     return jax.device_put(tree, next(iter(sharding.device_set)))
 
 
+def sample_and_score(
+    policy_graphdef: nnx.GraphDef,
+    policy_params,
+    arrays: dict,
+    score,
+    *,
+    sampling: SamplingConfig,
+    batch_size: int,
+    tokenizer,
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """One reply per prompt of ``arrays``, decoded, with per-reply scores.
+
+    The prompts go in fixed-size batches (:func:`rlhf_jax.data.task_batches.sequential_batches`);
+    batch ``i`` samples with ``jax.random.key(i)``, so two policies are compared on the
+    same random numbers. ``score(output) -> {name: [B] array}`` reads each batch's
+    :class:`rlhf_jax.sampling.SampleOutput`; padding rows are dropped.
+
+    Returns:
+      The decoded replies and ``{name: [N] float64}``: every score and ``reply_length``
+      (response tokens).
+    """
+    replies, columns = [], {}
+    batches = task_batches.sequential_batches(arrays, batch_size=batch_size)
+    for index, (batch, valid) in enumerate(batches):
+        output = sample(
+            policy_graphdef,
+            policy_params,
+            batch["input_ids"],
+            batch["attention_mask"],
+            jax.random.key(index),
+            config=sampling,
+        )
+        tokens, mask, scores = jax.device_get((output.tokens, output.response_mask, score(output)))
+        mask = np.asarray(mask)[:valid].astype(bool)
+        scores = {**scores, "reply_length": mask.sum(axis=1)}
+        for name, values in scores.items():
+            columns.setdefault(name, []).append(np.asarray(values)[:valid])
+        replies.extend(
+            tokenizer.decode(row[keep]) for row, keep in zip(tokens[:valid], mask, strict=True)
+        )
+    return replies, {k: np.concatenate(v).astype(np.float64) for k, v in columns.items()}
+
+
 def make_evaluator(config, tokenizer, task, policy_graphdef, scorers, reference_params=None):
     """``evaluate(policy_params) -> metrics`` on the first ``num_eval_prompts`` held-out prompts.
 
-    Samples one reply per prompt (jitted, fixed key per batch), decodes it and reports
+    Samples one reply per prompt (:func:`sample_and_score`), decodes it and reports
     the gold ``eval_gold_reward``, ``eval_gold_cost`` and ``eval_harm_rate``, per scorer
     name ``s`` in ``scorers`` (``{name: (graphdef, params)}``) ``eval_<s>_score`` and,
     given the reference (SFT) parameters, ``eval_kl``: the mean over the ``N`` prompts of
@@ -225,52 +268,44 @@ def make_evaluator(config, tokenizer, task, policy_graphdef, scorers, reference_
     if reference_params is not None:
         reference_params = copy_tree(reference_params)
 
-    def rollout(policy_params, batch, rng):
-        # Module-level jitted functions: runs with the same shapes share their programs.
-        output = sample(
-            policy_graphdef,
-            policy_params,
-            batch["input_ids"],
-            batch["attention_mask"],
-            rng,
-            config=sampling,
-        )
-        scores = {
-            name: score_sequences(scorers[name][0], params, output.tokens, output.attention_mask)
-            for name, params in scorer_params.items()
-        }
-        log_ratios = None
-        if reference_params is not None:
-            log_ratios = sequence_log_ratios(
-                policy_graphdef,
-                policy_params,
-                reference_params,
-                output.tokens,
-                output.attention_mask,
-                output.response_mask,
-            )
-        return output.tokens, output.response_mask, scores, log_ratios
-
     def evaluate(policy_params) -> dict[str, float]:
         nonlocal scorer_params, reference_params
         # The frozen models join the policy's devices (replicated on its mesh, if any).
         scorer_params, reference_params = colocate((scorer_params, reference_params), policy_params)
-        replies, scores, log_ratios = [], {name: [] for name in scorers}, []
-        batches = task_batches.sequential_batches(arrays, batch_size=config.eval_batch_size)
-        for index, (batch, valid) in enumerate(batches):
-            tokens, mask, batch_scores, batch_log_ratios = jax.device_get(
-                rollout(policy_params, batch, jax.random.key(index))
-            )
-            for row, keep in zip(tokens[:valid], mask[:valid].astype(bool), strict=True):
-                replies.append(tokenizer.decode(row[keep]))
-            for name, values in batch_scores.items():
-                scores[name].extend(np.asarray(values)[:valid].tolist())
-            if batch_log_ratios is not None:
-                log_ratios.extend(np.asarray(batch_log_ratios)[:valid].tolist())
+
+        def score(output):
+            # Module-level jitted functions: runs with the same shapes share their programs.
+            scores = {
+                f"{name}_score": score_sequences(
+                    scorers[name][0], params, output.tokens, output.attention_mask
+                )
+                for name, params in scorer_params.items()
+            }
+            if reference_params is not None:
+                scores["kl"] = sequence_log_ratios(
+                    policy_graphdef,
+                    policy_params,
+                    reference_params,
+                    output.tokens,
+                    output.attention_mask,
+                    output.response_mask,
+                )
+            return scores
+
+        replies, scores = sample_and_score(
+            policy_graphdef,
+            policy_params,
+            arrays,
+            score,
+            sampling=sampling,
+            batch_size=config.eval_batch_size,
+            tokenizer=tokenizer,
+        )
         metrics = {f"eval_{k}": v for k, v in score_responses(texts, replies).items()}
-        metrics.update({f"eval_{name}_score": float(np.mean(v)) for name, v in scores.items()})
+        for name in scorers:
+            metrics[f"eval_{name}_score"] = float(np.mean(scores[f"{name}_score"]))
         if reference_params is not None:
-            metrics["eval_kl"] = float(np.mean(log_ratios))
+            metrics["eval_kl"] = float(np.mean(scores["kl"]))
         metrics["eval_sample"] = f"{texts[0]!r} -> {replies[0]!r}"
         return metrics
 
