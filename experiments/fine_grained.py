@@ -40,6 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from experiments import common
@@ -162,23 +163,31 @@ def train_segment_models(config, tokenizer, task, architecture, workdir) -> tupl
     return graphdef, trained, losses
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Train the sentence reward models, then the policy on their dense rewards."""
-    rl.validate_rollout(config, SCHEMA)
-    tokenizer = common.build_tokenizer(config)
-    task = common.build_task(config)
-    architecture = common.model_config(config, tokenizer)
-    segment_graphdef, segment_params, rm_losses = train_segment_models(
-        config, tokenizer, task, architecture, workdir
-    )
-    decoder = common.build_decoder(config, architecture)
+def fine_grained_run_state(
+    config: ml_collections.ConfigDict,
+    tokenizer,
+    architecture,
+    decoder: nnx.Module,
+    segment_graphdef: nnx.GraphDef,
+    segment_params: dict,
+    *,
+    critic_from: str,
+    reward_weights: tuple[tuple[str, float], ...],
+) -> tuple[FineGrainedModels, FineGrainedConfig, optax.GradientTransformation, TrainState]:
+    """The models, step config, optimiser and initial state of a fine-grained PPO run.
+
+    The policy is ``decoder``; the critic is a value head on it (``config.shared_critic``)
+    or a copy of the segment model ``critic_from`` (Ouyang et al., 2022, §3.5, start the
+    value function from the reward model); the reference is a copy of the policy;
+    ``state.extra`` holds it, ``segment_params`` and ``config.kl_coef``.
+    """
     policy_graphdef, policy_params = split_model(decoder)
     if config.shared_critic:
         head = PolicyWithValueHead(architecture, rngs=nnx.Rngs(config.seed + 1), policy=decoder)
         critic_graphdef, params = split_model(head)
     else:
         critic_graphdef = segment_graphdef
-        params = {"policy": policy_params, "value": rl.copy_tree(segment_params["helpfulness"])}
+        params = {"policy": policy_params, "value": rl.copy_tree(segment_params[critic_from])}
     models = FineGrainedModels(
         policy_graphdef, critic_graphdef, segment_graphdef, config.shared_critic
     )
@@ -189,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             kl_target=config.kl_target or None,
             kl_horizon=config.kl_horizon,
         ),
-        reward_weights=(("helpfulness", config.helpfulness_weight), ("harm", -config.harm_weight)),
+        reward_weights=reward_weights,
         **sentence_token_ids(tokenizer),
     )
     extra = init_fine_grained_extra(
@@ -198,8 +207,30 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         kl_coef=config.kl_coef,
     )
     tx = rl.build_rl_optimizer(config)
-    state = TrainState.create(params, tx, rng=config.seed, extra=extra)
-    evaluate = rl.make_evaluator(config, tokenizer, task, policy_graphdef, {})
+    return models, fine_config, tx, TrainState.create(params, tx, rng=config.seed, extra=extra)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Train the sentence reward models, then the policy on their dense rewards."""
+    rl.validate_rollout(config, SCHEMA)
+    tokenizer = common.build_tokenizer(config)
+    task = common.build_task(config)
+    architecture = common.model_config(config, tokenizer)
+    segment_graphdef, segment_params, rm_losses = train_segment_models(
+        config, tokenizer, task, architecture, workdir
+    )
+    decoder = common.build_decoder(config, architecture)
+    models, fine_config, tx, state = fine_grained_run_state(
+        config,
+        tokenizer,
+        architecture,
+        decoder,
+        segment_graphdef,
+        segment_params,
+        critic_from="helpfulness",
+        reward_weights=(("helpfulness", config.helpfulness_weight), ("harm", -config.harm_weight)),
+    )
+    evaluate = rl.make_evaluator(config, tokenizer, task, models.policy, {})
     state, run_summary, history, evaluations = rl.train_with_evaluations(
         make_fine_grained_step(models, tx, fine_config),
         state,

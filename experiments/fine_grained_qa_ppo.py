@@ -64,10 +64,9 @@ from jax import Array
 
 from experiments import common, fine_grained_qa
 from experiments import ppo as rl
-from experiments.fine_grained import sentence_token_ids
+from experiments.fine_grained import fine_grained_run_state, sentence_token_ids
 from rlhf_jax.data import task_batches
 from rlhf_jax.data.tokenizers import Tokenizer
-from rlhf_jax.models import PolicyWithValueHead
 from rlhf_jax.objectives.fine_grained import segment_ends
 from rlhf_jax.train import loop
 from rlhf_jax.train.config import ConfigError, Field, validate_config
@@ -75,13 +74,9 @@ from rlhf_jax.train.state import PyTree, TrainState
 from rlhf_jax.train.steps import make_sft_step
 from rlhf_jax.train.steps.common import make_optimizer, split_model
 from rlhf_jax.train.steps.fine_grained import (
-    FineGrainedConfig,
-    FineGrainedModels,
-    init_fine_grained_extra,
     make_fine_grained_step,
     sentence_segment_ids,
 )
-from rlhf_jax.train.steps.ppo import PPOConfig
 
 MODELS = tuple(fine_grained_qa.MODEL_TYPES)
 OWN_SCHEMA = {
@@ -343,33 +338,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         summary.update(report)
         nnx.update(decoder, policy_params)
     paper_params = {n: paper_segment_params(segment_graphdef, p) for n, p in segment_params.items()}
-    if config.shared_critic:
-        head = PolicyWithValueHead(architecture, rngs=nnx.Rngs(config.seed + 1), policy=decoder)
-        critic_graphdef, params = split_model(head)
-    else:
-        critic_graphdef = segment_graphdef
-        params = {"policy": policy_params, "value": rl.copy_tree(paper_params[MODELS[0]])}
-    models = FineGrainedModels(
-        policy_graphdef, critic_graphdef, segment_graphdef, config.shared_critic
-    )
-    fine_config = FineGrainedConfig(
-        ppo=PPOConfig(
-            sampling=rl.sampling_config(config, tokenizer),
-            update=rl.update_config(config),
-            kl_target=config.kl_target or None,
-            kl_horizon=config.kl_horizon,
-        ),
+    models, fine_config, tx, state = fine_grained_run_state(
+        config,
+        tokenizer,
+        architecture,
+        decoder,
+        segment_graphdef,
+        paper_params,
+        critic_from=MODELS[0],
         reward_weights=tuple((name, config[f"{name}_weight"]) for name in MODELS),
-        **sentence_token_ids(tokenizer),
     )
-    reference_params = rl.copy_tree(policy_params)
-    extra = init_fine_grained_extra(
-        reference_params=reference_params,
-        segment_reward_params=paper_params,
-        kl_coef=config.kl_coef,
-    )
-    tx = rl.build_rl_optimizer(config)
-    state = TrainState.create(params, tx, rng=config.seed, extra=extra)
     evaluate = make_qa_evaluator(
         config,
         tokenizer,
@@ -377,7 +355,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         policy_graphdef,
         segment_graphdef,
         segment_params,
-        reference_params,
+        state.extra["reference_params"],
     )
     schedule = loop.EpochPermutationSchedule(
         prompt_arrays(train_turns, tokenizer, prompt_length=config.prompt_length),
